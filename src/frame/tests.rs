@@ -1,0 +1,362 @@
+//! Frame parser and encoder tests: need-more, limits, malformed frames.
+
+use super::*;
+use crate::spec::{basic, channel, connection};
+use crate::table::FieldTable;
+
+fn all_properties() -> BasicProperties {
+    let mut headers = FieldTable::new();
+    headers.insert("x-int", 42i32);
+    BasicProperties::default()
+        .with_content_type("application/json")
+        .with_content_encoding("utf-8")
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_priority(7)
+        .with_correlation_id("c")
+        .with_reply_to("r")
+        .with_expiration("60000")
+        .with_message_id("m")
+        .with_timestamp(1_700_000_000u64)
+        .with_kind("t")
+        .with_user_id("guest")
+        .with_app_id("a")
+        .with_cluster_id("x")
+}
+
+fn sample_stream() -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_method(
+        &mut out,
+        0,
+        &connection::Tune {
+            channel_max: 2047,
+            frame_max: 131072,
+            heartbeat: 60,
+        }
+        .into(),
+        FRAME_MIN_SIZE,
+    )
+    .unwrap();
+    encode_heartbeat(&mut out);
+    let deliver = basic::Deliver {
+        consumer_tag: "ctag".into(),
+        delivery_tag: 9,
+        routing_key: "rk".into(),
+        ..Default::default()
+    };
+    encode_message(
+        &mut out,
+        5,
+        &deliver.into(),
+        &all_properties(),
+        &[0xAB; 5000],
+        FRAME_MIN_SIZE,
+    )
+    .unwrap();
+    out
+}
+
+fn parse_all(mut buf: &[u8], frame_max: u32) -> Vec<Frame<'_>> {
+    let mut frames = Vec::new();
+    while let Some((frame, used)) = parse_frame(buf, frame_max).unwrap() {
+        assert!(used <= buf.len());
+        frames.push(frame);
+        buf = &buf[used..];
+    }
+    assert!(buf.is_empty(), "{} bytes left unparsed", buf.len());
+    frames
+}
+
+#[test]
+fn a_stream_parses_into_its_frames() {
+    let stream = sample_stream();
+    let frames = parse_all(&stream, FRAME_MIN_SIZE);
+    assert_eq!(frames.len(), 6); // tune, heartbeat, deliver, header, 2 bodies
+    assert!(matches!(frames[1], Frame::Heartbeat));
+    match &frames[3] {
+        Frame::Header { channel: 5, header } => {
+            assert_eq!(header.body_size, 5000);
+            assert_eq!(header.properties, all_properties());
+        }
+        other => panic!("{other:?}"),
+    }
+    let body: Vec<u8> = frames[4..]
+        .iter()
+        .flat_map(|f| match f {
+            Frame::Body { channel: 5, payload } => payload.to_vec(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(body, vec![0xAB; 5000]);
+}
+
+#[test]
+fn every_prefix_of_a_frame_is_need_more() {
+    let stream = sample_stream();
+    let (_, first_len) = parse_frame(&stream, FRAME_MIN_SIZE).unwrap().unwrap();
+    for cut in 0..first_len {
+        assert_eq!(
+            parse_frame(&stream[..cut], FRAME_MIN_SIZE).unwrap(),
+            None,
+            "cut at {cut}"
+        );
+    }
+}
+
+#[test]
+fn a_stream_fed_in_pieces_decodes_as_whole() {
+    let stream = sample_stream();
+    let whole = parse_all(&stream, FRAME_MIN_SIZE);
+    for step in [1, 2, 3, 7, 100, 4095] {
+        // Feed `step` bytes at a time into a growing buffer.
+        let mut buffered: Vec<u8> = Vec::new();
+        let mut got = Vec::new();
+        let mut start = 0;
+        for piece in stream.chunks(step) {
+            buffered.extend_from_slice(piece);
+            while let Some((frame, used)) =
+                parse_frame(&buffered[start..], FRAME_MIN_SIZE).unwrap()
+            {
+                got.push(format!("{frame:?}"));
+                start += used;
+            }
+        }
+        let expected: Vec<String> = whole.iter().map(|f| format!("{f:?}")).collect();
+        assert_eq!(got, expected, "step {step}");
+    }
+}
+
+#[test]
+fn oversized_frames_are_rejected_from_the_header_alone() {
+    // 0xFFFFFFFF declared, only the 7 header bytes present: refused now,
+    // not "need more" for 4 GiB.
+    let err = parse_frame(&[1, 0, 1, 0xff, 0xff, 0xff, 0xff], 131072).unwrap_err();
+    assert_eq!(
+        err,
+        CodecError::FrameTooLarge {
+            size: 0xFFFF_FFFF + 8,
+            frame_max: 131072
+        }
+    );
+    assert_eq!(err.reply_code(), 501);
+}
+
+#[test]
+fn a_frame_of_exactly_frame_max_is_accepted_and_one_more_byte_is_not() {
+    let mut out = Vec::new();
+    encode_body(&mut out, 1, &[7; 4088], FRAME_MIN_SIZE);
+    assert_eq!(out.len(), 4096);
+    assert!(parse_frame(&out, 4096).unwrap().is_some());
+    let err = parse_frame(&out, 4095).unwrap_err();
+    assert!(matches!(err, CodecError::FrameTooLarge { size: 4096, .. }));
+}
+
+#[test]
+fn bad_frame_end_is_a_frame_error() {
+    let mut out = Vec::new();
+    encode_heartbeat(&mut out);
+    *out.last_mut().unwrap() = 0xCD;
+    let err = parse_frame(&out, FRAME_MIN_SIZE).unwrap_err();
+    assert_eq!(
+        err,
+        CodecError::BadFrameEnd {
+            found: 0xCD,
+            frame_type: 8,
+            channel: 0
+        }
+    );
+    assert_eq!(err.reply_code(), 501);
+}
+
+#[test]
+fn unknown_frame_type_is_a_frame_error() {
+    let err = parse_frame(&[4, 0, 1, 0, 0, 0, 0, 0xCE], FRAME_MIN_SIZE).unwrap_err();
+    assert_eq!(
+        err,
+        CodecError::UnknownFrameType {
+            frame_type: 4,
+            channel: 1
+        }
+    );
+    assert_eq!(err.reply_code(), 501);
+}
+
+#[test]
+fn heartbeat_off_channel_zero_or_with_payload_is_a_frame_error() {
+    let err = parse_frame(&[8, 0, 1, 0, 0, 0, 0, 0xCE], FRAME_MIN_SIZE).unwrap_err();
+    assert_eq!(err, CodecError::BadHeartbeat { channel: 1, size: 0 });
+    let err = parse_frame(&[8, 0, 0, 0, 0, 0, 1, 0, 0xCE], FRAME_MIN_SIZE).unwrap_err();
+    assert_eq!(err, CodecError::BadHeartbeat { channel: 0, size: 1 });
+    assert_eq!(err.reply_code(), 501);
+}
+
+#[test]
+fn a_protocol_header_in_place_of_a_frame_names_the_version() {
+    assert_eq!(parse_frame(b"AMQ", FRAME_MIN_SIZE).unwrap(), None);
+    let err = parse_frame(b"AMQP\x00\x00\x09\x01", FRAME_MIN_SIZE).unwrap_err();
+    assert_eq!(
+        err,
+        CodecError::ProtocolHeader {
+            protocol_id: 0,
+            major: 0,
+            minor: 9,
+            revision: 1
+        }
+    );
+    let err = parse_frame(b"AMQP\x01\x01\x00\x0a", FRAME_MIN_SIZE).unwrap_err();
+    assert!(err.to_string().contains("AMQP 1-1-0-10"), "{err}");
+    let err = parse_frame(b"Axyz", FRAME_MIN_SIZE).unwrap_err();
+    assert!(matches!(
+        err,
+        CodecError::UnknownFrameType {
+            frame_type: b'A',
+            ..
+        }
+    ));
+}
+
+#[test]
+fn content_header_faults_are_named() {
+    let mut out = Vec::new();
+    encode_content_header(&mut out, 1, 60, 3, &all_properties(), FRAME_MIN_SIZE).unwrap();
+    let payload = &out[7..out.len() - 1];
+    assert_eq!(
+        decode_content_header(payload).unwrap().properties,
+        all_properties()
+    );
+
+    let mut wrong_class = payload.to_vec();
+    wrong_class[1] = 10;
+    let err = decode_content_header(&wrong_class).unwrap_err();
+    assert_eq!(err, CodecError::UnknownContentClass { class_id: 10 });
+    assert_eq!(err.reply_code(), 503);
+
+    let mut weight = payload.to_vec();
+    weight[3] = 1;
+    assert_eq!(
+        decode_content_header(&weight).unwrap_err(),
+        CodecError::NonZeroWeight { weight: 1 }
+    );
+
+    let mut continuation = payload.to_vec();
+    continuation[13] |= 1;
+    assert!(matches!(
+        decode_content_header(&continuation).unwrap_err(),
+        CodecError::BadPropertyFlags { .. }
+    ));
+
+    let err = decode_content_header(&payload[..payload.len() - 2]).unwrap_err();
+    assert!(
+        err.to_string().contains("BasicProperties field 'cluster_id'"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unset_properties_are_not_encoded() {
+    let mut out = Vec::new();
+    encode_content_header(
+        &mut out,
+        1,
+        60,
+        0,
+        &BasicProperties::default(),
+        FRAME_MIN_SIZE,
+    )
+    .unwrap();
+    // 7 header + class 2 + weight 2 + size 8 + flags 2 + end 1
+    assert_eq!(out.len(), 22);
+    assert_eq!(&out[19..21], &[0, 0]);
+}
+
+#[test]
+fn bodies_split_at_frame_max_minus_8_and_empty_bodies_add_no_frame() {
+    let body: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    let mut out = Vec::new();
+    encode_body(&mut out, 3, &body, FRAME_MIN_SIZE);
+    let frames = parse_all(&out, FRAME_MIN_SIZE);
+    assert_eq!(frames.len(), 3);
+    let mut joined = Vec::new();
+    for f in &frames {
+        let Frame::Body { channel: 3, payload } = f else {
+            panic!("{f:?}")
+        };
+        assert!(payload.len() <= 4088);
+        joined.extend_from_slice(payload);
+    }
+    assert_eq!(joined, body);
+
+    let mut out = Vec::new();
+    encode_body(&mut out, 3, &[], FRAME_MIN_SIZE);
+    assert!(out.is_empty());
+}
+
+#[test]
+fn a_method_frame_over_frame_max_is_refused_and_the_buffer_kept() {
+    let mut args = FieldTable::new();
+    args.insert("big", "x".repeat(5000).as_str());
+    let declare = crate::spec::queue::Declare {
+        queue: "q".into(),
+        arguments: args,
+        ..Default::default()
+    };
+    let mut out = vec![9];
+    let err = encode_method(&mut out, 1, &declare.into(), FRAME_MIN_SIZE).unwrap_err();
+    assert!(matches!(
+        err,
+        CodecError::EncodedFrameTooLarge {
+            what: "method",
+            frame_max: 4096,
+            ..
+        }
+    ));
+    assert_eq!(out, [9]);
+}
+
+#[test]
+fn a_header_over_frame_max_is_refused_and_nothing_of_the_message_is_kept() {
+    let mut headers = FieldTable::new();
+    headers.insert("big", "y".repeat(5000).as_str());
+    let props = BasicProperties::default().with_headers(headers);
+    let mut out = Vec::new();
+    let err = encode_message(
+        &mut out,
+        1,
+        &basic::Publish::default().into(),
+        &props,
+        b"body",
+        FRAME_MIN_SIZE,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("content header frame"), "{err}");
+    assert!(out.is_empty());
+}
+
+#[test]
+fn only_content_methods_take_a_body() {
+    let mut out = Vec::new();
+    let err = encode_message(
+        &mut out,
+        1,
+        &channel::Open::default().into(),
+        &BasicProperties::default(),
+        b"x",
+        FRAME_MIN_SIZE,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        CodecError::NotContentMethod {
+            method: "Channel.Open"
+        }
+    );
+    assert!(out.is_empty());
+}
+
+#[test]
+fn frame_max_zero_means_no_limit() {
+    let mut out = Vec::new();
+    encode_body(&mut out, 1, &vec![1; 200_000], 0);
+    assert_eq!(parse_all(&out, 0).len(), 1);
+}

@@ -1,0 +1,46 @@
+//! A callback-driven AMQP 0-9-1 client for RabbitMQ, in the style of
+//! Python's [pika](https://pika.readthedocs.io/).
+//!
+//! This release holds the wire layer the client is built on: every AMQP
+//! 0-9-1 method RabbitMQ speaks ([`spec`]), field tables ([`FieldTable`]),
+//! message properties ([`BasicProperties`]) and frames ([`frame`]), with an
+//! incremental parser that never panics on bad input and never buffers more
+//! than `frame_max`.
+//!
+//! ```
+//! use pika::frame::{encode_message, parse_frame, Frame, FRAME_MIN_SIZE};
+//! use pika::spec::{basic, Method};
+//! use pika::{BasicProperties, FieldTable};
+//!
+//! // Encode a Basic.Publish with its header and body, as a client sends it.
+//! let mut headers = FieldTable::new();
+//! headers.insert("x-retries", 3i32);
+//! let props = BasicProperties::default()
+//!     .with_content_type("text/plain")
+//!     .with_headers(headers);
+//! let publish = basic::Publish { exchange: "".into(), routing_key: "hello".into(), ..Default::default() };
+//! let mut wire = Vec::new();
+//! encode_message(&mut wire, 1, &publish.into(), &props, b"Hello World!", FRAME_MIN_SIZE).unwrap();
+//!
+//! // Parse it back, frame by frame.
+//! let mut rest = &wire[..];
+//! let mut frames = Vec::new();
+//! while let Some((frame, used)) = parse_frame(rest, FRAME_MIN_SIZE).unwrap() {
+//!     frames.push(frame);
+//!     rest = &rest[used..];
+//! }
+//! assert!(matches!(&frames[0], Frame::Method { method: Method::BasicPublish(p), .. } if p.routing_key == "hello"));
+//! assert!(matches!(&frames[1], Frame::Header { header, .. } if header.properties == props && header.body_size == 12));
+//! assert!(matches!(&frames[2], Frame::Body { payload, .. } if *payload == b"Hello World!"));
+//! ```
+#![warn(missing_docs, missing_debug_implementations)]
+
+pub mod error;
+pub mod frame;
+pub mod spec;
+pub mod table;
+mod wire;
+
+pub use error::CodecError;
+pub use spec::BasicProperties;
+pub use table::{Decimal, FieldTable, FieldValue, LongString};

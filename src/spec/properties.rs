@@ -1,0 +1,113 @@
+//! [`BasicProperties`]: the 14 message properties of the Basic class, their
+//! flag bits, and their wire form inside a content header.
+
+use crate::error::CodecError;
+use crate::table::FieldTable;
+use crate::wire::{Reader, WireField, Writer};
+
+macro_rules! basic_properties {
+    ($( $(#[doc = $doc:literal])* $field:ident : $ty:ty, $flag_const:ident = $flag:literal, $with:ident, $wire:literal; )*) => {
+        /// The properties of a message (pika's `pika.spec.BasicProperties`).
+        ///
+        /// Every property is optional; unset ones are not encoded. pika's
+        /// `type` property is `kind` here (`type` is a Rust keyword).
+        ///
+        /// ```
+        /// use pika::BasicProperties;
+        /// let props = BasicProperties::default()
+        ///     .with_content_type("application/json")
+        ///     .with_delivery_mode(2);
+        /// assert_eq!(props.content_type.as_deref(), Some("application/json"));
+        /// assert_eq!(props.flags(), BasicProperties::FLAG_CONTENT_TYPE | BasicProperties::FLAG_DELIVERY_MODE);
+        /// ```
+        #[derive(Debug, Clone, Default, PartialEq)]
+        pub struct BasicProperties {
+            $( $(#[doc = $doc])* pub $field: Option<$ty>, )*
+        }
+
+        impl BasicProperties {
+            $(
+                #[doc = concat!("Flag bit of `", stringify!($field), "` in the property flags word.")]
+                pub const $flag_const: u16 = $flag;
+            )*
+
+            $(
+                #[doc = concat!("Sets `", stringify!($field), "`.")]
+                pub fn $with(mut self, value: impl Into<$ty>) -> Self {
+                    self.$field = Some(value.into());
+                    self
+                }
+            )*
+
+            /// The property flags word: one bit per property that is set.
+            pub fn flags(&self) -> u16 {
+                let mut flags = 0;
+                $( if self.$field.is_some() { flags |= $flag; } )*
+                flags
+            }
+
+            pub(crate) fn write(&self, w: &mut Writer<'_>) -> Result<(), CodecError> {
+                w.u16(self.flags());
+                $(
+                    if let Some(value) = &self.$field {
+                        WireField::write(value, w)
+                            .map_err(|e| e.in_field("BasicProperties", stringify!($field)))?;
+                    }
+                )*
+                Ok(())
+            }
+
+            pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self, CodecError> {
+                let flags = r.u16("property flags")?;
+                // Bit 0 is the continuation flag (another flags word
+                // follows); bits 1 and 0 name no Basic property.
+                if flags & 0b11 != 0 {
+                    return Err(CodecError::BadPropertyFlags { flags });
+                }
+                let mut props = BasicProperties::default();
+                $(
+                    if flags & $flag != 0 {
+                        props.$field = Some(WireField::read(r)
+                            .map_err(|e| e.in_field("BasicProperties", stringify!($field)))?);
+                    }
+                )*
+                Ok(props)
+            }
+
+            #[cfg(test)]
+            pub(crate) const WIRE_TYPES: &'static [(&'static str, &'static str)] =
+                &[$( (stringify!($field), $wire) ),*];
+        }
+    };
+}
+
+basic_properties! {
+    /// MIME content type, e.g. `application/json`.
+    content_type: String, FLAG_CONTENT_TYPE = 0x8000, with_content_type, "shortstr";
+    /// MIME content encoding, e.g. `gzip`.
+    content_encoding: String, FLAG_CONTENT_ENCODING = 0x4000, with_content_encoding, "shortstr";
+    /// Application headers.
+    headers: FieldTable, FLAG_HEADERS = 0x2000, with_headers, "table";
+    /// 1 for transient, 2 for persistent.
+    delivery_mode: u8, FLAG_DELIVERY_MODE = 0x1000, with_delivery_mode, "octet";
+    /// Priority, 0 to 9.
+    priority: u8, FLAG_PRIORITY = 0x0800, with_priority, "octet";
+    /// Correlates a reply with its request.
+    correlation_id: String, FLAG_CORRELATION_ID = 0x0400, with_correlation_id, "shortstr";
+    /// Where to send a reply.
+    reply_to: String, FLAG_REPLY_TO = 0x0200, with_reply_to, "shortstr";
+    /// Per-message TTL in milliseconds, as a decimal string.
+    expiration: String, FLAG_EXPIRATION = 0x0100, with_expiration, "shortstr";
+    /// Application message id.
+    message_id: String, FLAG_MESSAGE_ID = 0x0080, with_message_id, "shortstr";
+    /// Seconds since the Unix epoch.
+    timestamp: u64, FLAG_TIMESTAMP = 0x0040, with_timestamp, "timestamp";
+    /// Message type name (pika's `type`).
+    kind: String, FLAG_TYPE = 0x0020, with_kind, "shortstr";
+    /// The publishing user; RabbitMQ checks it against the connection's user.
+    user_id: String, FLAG_USER_ID = 0x0010, with_user_id, "shortstr";
+    /// The publishing application's id.
+    app_id: String, FLAG_APP_ID = 0x0008, with_app_id, "shortstr";
+    /// Deprecated cluster id.
+    cluster_id: String, FLAG_CLUSTER_ID = 0x0004, with_cluster_id, "shortstr";
+}
