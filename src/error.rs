@@ -49,7 +49,9 @@ pub enum CodecError {
         frame_max: u32,
     },
     /// A frame did not end with the frame-end octet 0xCE.
-    #[error("bad frame-end octet 0x{found:02X} (expected 0xCE) after a type {frame_type} frame on channel {channel}")]
+    #[error(
+        "bad frame-end octet 0x{found:02X} (expected 0xCE) after a type {frame_type} frame on channel {channel}"
+    )]
     BadFrameEnd {
         /// The octet found where 0xCE belongs.
         found: u8,
@@ -67,7 +69,9 @@ pub enum CodecError {
         channel: u16,
     },
     /// A heartbeat frame on a channel other than 0 or with a payload.
-    #[error("invalid heartbeat frame: channel {channel}, payload of {size} bytes (must be channel 0, empty)")]
+    #[error(
+        "invalid heartbeat frame: channel {channel}, payload of {size} bytes (must be channel 0, empty)"
+    )]
     BadHeartbeat {
         /// The frame's channel.
         channel: u16,
@@ -76,7 +80,9 @@ pub enum CodecError {
     },
     /// The peer sent an AMQP protocol header instead of a frame: it speaks
     /// another protocol version (or refuses ours).
-    #[error("peer answered with protocol header AMQP {protocol_id}-{major}-{minor}-{revision}, not a frame (we speak 0-9-1)")]
+    #[error(
+        "peer answered with protocol header AMQP {protocol_id}-{major}-{minor}-{revision}, not a frame (we speak 0-9-1)"
+    )]
     ProtocolHeader {
         /// The protocol id octet (0 for AMQP 0-9-1; 1 or 3 in other headers).
         protocol_id: u8,

@@ -281,12 +281,19 @@ pub fn encode_content_header(
     properties: &BasicProperties,
     frame_max: u32,
 ) -> Result<(), CodecError> {
-    write_frame(out, FRAME_HEADER, channel, frame_max, "content header", |w| {
-        w.u16(class_id);
-        w.u16(0);
-        w.u64(body_size);
-        properties.write(w)
-    })
+    write_frame(
+        out,
+        FRAME_HEADER,
+        channel,
+        frame_max,
+        "content header",
+        |w| {
+            w.u16(class_id);
+            w.u16(0);
+            w.u64(body_size);
+            properties.write(w)
+        },
+    )
 }
 
 /// The largest body payload one frame may carry under `frame_max`.

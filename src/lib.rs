@@ -44,3 +44,8 @@ mod wire;
 pub use error::CodecError;
 pub use spec::BasicProperties;
 pub use table::{Decimal, FieldTable, FieldValue, LongString};
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -603,7 +603,10 @@ mod tests {
                 limit: MAX_TABLE_DEPTH
             }
         );
-        assert!(out.is_empty(), "a failed encode leaves the buffer as it was");
+        assert!(
+            out.is_empty(),
+            "a failed encode leaves the buffer as it was"
+        );
 
         // On the wire: exactly the limit decodes, one more level is refused.
         fn nested(levels: usize) -> Vec<u8> {

@@ -181,7 +181,11 @@ impl<'a> Writer<'a> {
         self.out.len()
     }
 
-    pub(crate) fn end_length(&mut self, start: usize, what: &'static str) -> Result<(), CodecError> {
+    pub(crate) fn end_length(
+        &mut self,
+        start: usize,
+        what: &'static str,
+    ) -> Result<(), CodecError> {
         self.bits_used = 8;
         let len = self.out.len() - start;
         let len32 = u32::try_from(len).map_err(|_| CodecError::TooLong {

@@ -84,7 +84,10 @@ fn a_stream_parses_into_its_frames() {
     let body: Vec<u8> = frames[4..]
         .iter()
         .flat_map(|f| match f {
-            Frame::Body { channel: 5, payload } => payload.to_vec(),
+            Frame::Body {
+                channel: 5,
+                payload,
+            } => payload.to_vec(),
             other => panic!("{other:?}"),
         })
         .collect();
@@ -115,8 +118,7 @@ fn a_stream_fed_in_pieces_decodes_as_whole() {
         let mut start = 0;
         for piece in stream.chunks(step) {
             buffered.extend_from_slice(piece);
-            while let Some((frame, used)) =
-                parse_frame(&buffered[start..], FRAME_MIN_SIZE).unwrap()
+            while let Some((frame, used)) = parse_frame(&buffered[start..], FRAME_MIN_SIZE).unwrap()
             {
                 got.push(format!("{frame:?}"));
                 start += used;
@@ -185,9 +187,21 @@ fn unknown_frame_type_is_a_frame_error() {
 #[test]
 fn heartbeat_off_channel_zero_or_with_payload_is_a_frame_error() {
     let err = parse_frame(&[8, 0, 1, 0, 0, 0, 0, 0xCE], FRAME_MIN_SIZE).unwrap_err();
-    assert_eq!(err, CodecError::BadHeartbeat { channel: 1, size: 0 });
+    assert_eq!(
+        err,
+        CodecError::BadHeartbeat {
+            channel: 1,
+            size: 0
+        }
+    );
     let err = parse_frame(&[8, 0, 0, 0, 0, 0, 1, 0, 0xCE], FRAME_MIN_SIZE).unwrap_err();
-    assert_eq!(err, CodecError::BadHeartbeat { channel: 0, size: 1 });
+    assert_eq!(
+        err,
+        CodecError::BadHeartbeat {
+            channel: 0,
+            size: 1
+        }
+    );
     assert_eq!(err.reply_code(), 501);
 }
 
@@ -248,7 +262,8 @@ fn content_header_faults_are_named() {
 
     let err = decode_content_header(&payload[..payload.len() - 2]).unwrap_err();
     assert!(
-        err.to_string().contains("BasicProperties field 'cluster_id'"),
+        err.to_string()
+            .contains("BasicProperties field 'cluster_id'"),
         "{err}"
     );
 }
@@ -279,7 +294,11 @@ fn bodies_split_at_frame_max_minus_8_and_empty_bodies_add_no_frame() {
     assert_eq!(frames.len(), 3);
     let mut joined = Vec::new();
     for f in &frames {
-        let Frame::Body { channel: 3, payload } = f else {
+        let Frame::Body {
+            channel: 3,
+            payload,
+        } = f
+        else {
             panic!("{f:?}")
         };
         assert!(payload.len() <= 4088);

@@ -210,10 +210,22 @@ fn basic_properties_match_the_extended_spec_xml() {
 fn supplement_methods_have_the_rabbitmq_ids() {
     assert_eq!(<access::Request as MethodDef>::ID, MethodId::new(30, 10));
     assert_eq!(<access::RequestOk as MethodDef>::ID, MethodId::new(30, 11));
-    assert_eq!(<connection::Blocked as MethodDef>::ID, MethodId::new(10, 60));
-    assert_eq!(<connection::Unblocked as MethodDef>::ID, MethodId::new(10, 61));
-    assert_eq!(<connection::UpdateSecret as MethodDef>::ID, MethodId::new(10, 70));
-    assert_eq!(<connection::UpdateSecretOk as MethodDef>::ID, MethodId::new(10, 71));
+    assert_eq!(
+        <connection::Blocked as MethodDef>::ID,
+        MethodId::new(10, 60)
+    );
+    assert_eq!(
+        <connection::Unblocked as MethodDef>::ID,
+        MethodId::new(10, 61)
+    );
+    assert_eq!(
+        <connection::UpdateSecret as MethodDef>::ID,
+        MethodId::new(10, 70)
+    );
+    assert_eq!(
+        <connection::UpdateSecretOk as MethodDef>::ID,
+        MethodId::new(10, 71)
+    );
     let req = access::Request::default();
     assert!(req.passive && req.active && req.write && req.read && !req.exclusive);
     assert_eq!(req.realm, "/data");
@@ -253,7 +265,10 @@ fn pika_defaults() {
     assert_eq!(d.exchange_type, "direct");
     assert!(!d.durable && !d.nowait && d.arguments.is_empty());
     let s = connection::StartOk::default();
-    assert_eq!((s.mechanism.as_str(), s.locale.as_str()), ("PLAIN", "en_US"));
+    assert_eq!(
+        (s.mechanism.as_str(), s.locale.as_str()),
+        ("PLAIN", "en_US")
+    );
     assert_eq!(connection::Open::default().virtual_host, "/");
     assert!(basic::Reject::default().requeue);
     assert!(basic::Nack::default().requeue);
@@ -276,7 +291,10 @@ fn secrets_are_redacted_from_debug() {
         reason: "rotation".into(),
     };
     let shown = format!("{:?}", Method::from(update));
-    assert!(!shown.contains("token-xyz") && shown.contains("rotation"), "{shown}");
+    assert!(
+        !shown.contains("token-xyz") && shown.contains("rotation"),
+        "{shown}"
+    );
     let secure_ok = connection::SecureOk {
         response: "s3cr3t".into(),
     };
@@ -294,7 +312,10 @@ fn unknown_methods_are_command_invalid() {
         }
     );
     assert_eq!(err.reply_code(), 503);
-    assert_eq!(Method::decode(&[0, 77, 0, 10]).unwrap_err().reply_code(), 503);
+    assert_eq!(
+        Method::decode(&[0, 77, 0, 10]).unwrap_err().reply_code(),
+        503
+    );
 }
 
 #[test]

@@ -1,0 +1,112 @@
+//! Connects to the broker at `AMQP_URL`, sends the AMQP protocol header and
+//! prints what the broker's Connection.Start says about it: product,
+//! version, platform, SASL mechanisms, locales and capabilities.
+//!
+//! Run it with a private broker: `scripts/with-broker cargo run --example server_properties`
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use pika::frame::{FRAME_MIN_SIZE, Frame, PROTOCOL_HEADER, parse_frame};
+use pika::spec::{Method, connection};
+use pika::{FieldTable, FieldValue};
+
+/// `host:port` from an `amqp://user:pass@host:port/vhost` URL.
+fn address_of(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("amqp://")
+        .ok_or_else(|| format!("AMQP_URL must start with amqp://, got {url:?}"))?;
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let has_port = host_port
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+    Ok(if has_port {
+        host_port.to_string()
+    } else {
+        format!("{host_port}:{}", pika::spec::PORT)
+    })
+}
+
+fn read_start(addr: &str) -> Result<connection::Start, String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(&PROTOCOL_HEADER)
+        .map_err(|e| format!("send protocol header: {e}"))?;
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match parse_frame(&buffer, FRAME_MIN_SIZE).map_err(|e| format!("bad reply: {e}"))? {
+            Some((
+                Frame::Method {
+                    method: Method::ConnectionStart(start),
+                    ..
+                },
+                _,
+            )) => return Ok(start),
+            Some((other, _)) => return Err(format!("expected Connection.Start, got {other:?}")),
+            None => {}
+        }
+        let n = stream
+            .read(&mut chunk)
+            .map_err(|e| format!("read from {addr}: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "{addr} closed the connection before Connection.Start"
+            ));
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn text(props: &FieldTable, key: &str) -> String {
+    props
+        .get(key)
+        .and_then(FieldValue::as_str)
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn main() -> ExitCode {
+    let Ok(url) = std::env::var("AMQP_URL") else {
+        eprintln!(
+            "AMQP_URL is not set. Run with a private broker: \
+             scripts/with-broker cargo run --example server_properties"
+        );
+        return ExitCode::FAILURE;
+    };
+    let start = match address_of(&url).and_then(|addr| read_start(&addr)) {
+        Ok(start) => start,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let props = &start.server_properties;
+    println!(
+        "AMQP {}-{}: {} {} on {}",
+        start.version_major,
+        start.version_minor,
+        text(props, "product"),
+        text(props, "version"),
+        text(props, "platform")
+    );
+    println!("mechanisms:   {}", start.mechanisms);
+    println!("locales:      {}", start.locales);
+    println!("capabilities:");
+    if let Some(caps) = props.get("capabilities").and_then(FieldValue::as_table) {
+        for (name, value) in caps {
+            let shown = match value.as_bool() {
+                Some(b) => b.to_string(),
+                None => format!("{value:?}"),
+            };
+            println!("  {name:<32} {shown}");
+        }
+    }
+    ExitCode::SUCCESS
+}
