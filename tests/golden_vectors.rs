@@ -6,9 +6,7 @@
 //! altogether); those are covered by the unit round trips and, against the
 //! real broker, by `tests/broker_rig.rs`'s Connection.Start decode.
 
-use pika::frame::{
-    FRAME_MIN_SIZE, Frame, encode_message, encode_method, parse_frame,
-};
+use pika::frame::{FRAME_MIN_SIZE, Frame, encode_message, encode_method, parse_frame};
 use pika::spec::{Method, basic, connection};
 use pika::{BasicProperties, Decimal, FieldTable, FieldValue, LongString};
 
