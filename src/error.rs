@@ -236,3 +236,376 @@ impl CodecError {
         }
     }
 }
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything that can go wrong in a connection or a channel, named after
+/// pika's exceptions (`pika.exceptions`).
+///
+/// `Error` is `Clone + Send + Sync + 'static`: one connection loss reaches
+/// every pending completion closure, so I/O errors are kept behind an
+/// [`Arc`]. [`Error::is_connection_error`] and [`Error::is_channel_error`]
+/// sort errors into pika's two families (`AMQPConnectionError`,
+/// `AMQPChannelError`).
+///
+/// ```
+/// use pika::Error;
+/// let e = Error::ConnectionClosedByBroker { reply_code: 320, reply_text: "CONNECTION_FORCED".into() };
+/// assert!(e.is_connection_error());
+/// assert_eq!(e.reply_code(), Some(320));
+/// assert_eq!(e.to_string(), "connection closed by broker: (320) CONNECTION_FORCED");
+/// ```
+#[derive(Debug, Clone, Error)]
+#[non_exhaustive]
+pub enum Error {
+    // ---- connection family -------------------------------------------
+    /// A TCP connection to one address could not be made (pika's
+    /// `AMQPConnectionError`).
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        /// The address tried.
+        address: String,
+        /// Why it failed.
+        source: Arc<io::Error>,
+    },
+    /// A host name did not resolve to any address.
+    #[error("cannot resolve {host}: {reason}")]
+    Resolve {
+        /// The host name.
+        host: String,
+        /// The resolver's answer.
+        reason: String,
+    },
+    /// The TCP connect did not finish within `socket_timeout`.
+    #[error("TCP connect to {address} timed out after {timeout:?} (socket_timeout)")]
+    SocketTimeout {
+        /// The address tried.
+        address: String,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// TCP connect plus the AMQP handshake did not finish within
+    /// `stack_timeout`.
+    #[error("connection to {address} not open after {timeout:?} (stack_timeout)")]
+    StackTimeout {
+        /// The address tried.
+        address: String,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// Every parameter set, address and attempt failed; the errors in the
+    /// order they happened (pika's `AMQPConnectionWorkflowFailed`).
+    #[error("all {} connection attempts failed; last: {}", .attempts.len(),
+        .attempts.last().map(|e| e.to_string()).unwrap_or_default())]
+    ConnectionWorkflowFailed {
+        /// Each attempt's error.
+        attempts: Arc<Vec<Error>>,
+    },
+    /// The broker does not speak AMQP 0-9-1, or closed the socket right
+    /// after our protocol header.
+    #[error("incompatible protocol: {detail}")]
+    IncompatibleProtocol {
+        /// What the broker did.
+        detail: String,
+    },
+    /// The broker offered no SASL mechanism our credentials support.
+    #[error(
+        "authentication error: broker offers mechanisms [{offered}], credentials need {wanted}"
+    )]
+    AuthenticationError {
+        /// What the broker offered.
+        offered: String,
+        /// What the credentials support.
+        wanted: &'static str,
+    },
+    /// The broker refused the login (403 ACCESS_REFUSED during the
+    /// handshake, or the socket closed right after StartOk).
+    #[error("probable authentication error: ({reply_code}) {reply_text}")]
+    ProbableAuthenticationError {
+        /// The broker's reply code (403), or 0 when it only closed the socket.
+        reply_code: u16,
+        /// The broker's text.
+        reply_text: String,
+    },
+    /// The broker refused the virtual host (530 NOT_ALLOWED at
+    /// Connection.Open, or the socket closed right after it).
+    #[error("probable access denied: ({reply_code}) {reply_text}")]
+    ProbableAccessDeniedError {
+        /// The broker's reply code (530), or 0 when it only closed the socket.
+        reply_code: u16,
+        /// The broker's text.
+        reply_text: String,
+    },
+    /// The broker closed the connection with Connection.Close.
+    #[error("connection closed by broker: ({reply_code}) {reply_text}")]
+    ConnectionClosedByBroker {
+        /// The broker's reply code, e.g. 320.
+        reply_code: u16,
+        /// The broker's text.
+        reply_text: String,
+    },
+    /// The connection was closed by this client's `close()`.
+    #[error("connection closed by client: ({reply_code}) {reply_text}")]
+    ConnectionClosedByClient {
+        /// The code given to `close()`.
+        reply_code: u16,
+        /// The text given to `close()`.
+        reply_text: String,
+    },
+    /// `close()` was called before the connection finished opening.
+    #[error("connection open aborted by close()")]
+    ConnectionOpenAborted,
+    /// The call is not valid in the connection's current state.
+    #[error("connection in wrong state: {detail}")]
+    ConnectionWrongState {
+        /// The state and what was attempted.
+        detail: String,
+    },
+    /// Nothing was received from the broker for twice the heartbeat timeout.
+    #[error("no data from the broker for {silence:?} (heartbeat timeout {timeout:?})")]
+    AmqpHeartbeatTimeout {
+        /// The negotiated heartbeat timeout.
+        timeout: Duration,
+        /// How long the broker was silent.
+        silence: Duration,
+    },
+    /// The broker kept the connection blocked longer than
+    /// `blocked_connection_timeout`.
+    #[error("connection blocked by the broker for longer than {timeout:?}")]
+    ConnectionBlockedTimeout {
+        /// The bound.
+        timeout: Duration,
+    },
+    /// The socket failed or reached end of file unexpectedly.
+    #[error("stream lost: {detail}")]
+    StreamLost {
+        /// What happened.
+        detail: String,
+        /// The I/O error, when there was one.
+        source: Option<Arc<io::Error>>,
+    },
+    /// The broker sent bytes that are not valid AMQP (pika's
+    /// `InvalidFrameError` / `ProtocolSyntaxError`); the connection is
+    /// closed with [`CodecError::reply_code`].
+    #[error("protocol error from the broker: {0}")]
+    Protocol(CodecError),
+    /// The broker sent a valid frame that is not allowed where it came.
+    #[error("unexpected frame (505): {detail}")]
+    UnexpectedFrame {
+        /// What arrived, and where.
+        detail: String,
+    },
+    /// All channel numbers up to the negotiated channel_max are in use.
+    #[error("no free channels: all {channel_max} channel numbers are in use")]
+    NoFreeChannels {
+        /// The negotiated limit.
+        channel_max: u16,
+    },
+    /// A requested channel number is 0, above channel_max, or in use.
+    #[error("invalid channel number {number}: {reason}")]
+    InvalidChannelNumber {
+        /// The number asked for.
+        number: u16,
+        /// Why it cannot be used.
+        reason: &'static str,
+    },
+
+    // ---- channel family ----------------------------------------------
+    /// The broker closed the channel with Channel.Close.
+    #[error("channel closed by broker: ({reply_code}) {reply_text}")]
+    ChannelClosedByBroker {
+        /// The broker's reply code, e.g. 404.
+        reply_code: u16,
+        /// The broker's text.
+        reply_text: String,
+    },
+    /// The channel was closed by this client.
+    #[error("channel closed by client: ({reply_code}) {reply_text}")]
+    ChannelClosedByClient {
+        /// The code given to `close()`.
+        reply_code: u16,
+        /// The text given to `close()`.
+        reply_text: String,
+    },
+    /// The call is not valid in the channel's current state.
+    #[error("channel in wrong state: {detail}")]
+    ChannelWrongState {
+        /// The state and what was attempted.
+        detail: String,
+    },
+    /// A consumer with this tag already exists on the channel.
+    #[error("duplicate consumer tag {tag:?}")]
+    DuplicateConsumerTag {
+        /// The tag.
+        tag: String,
+    },
+    /// A Basic.Get is already waiting for its reply on this channel.
+    #[error("a basic_get is already in progress on this channel")]
+    DuplicateGetOkCallback,
+    /// The broker cancelled the consumer (e.g. its queue was deleted).
+    #[error("consumer {tag:?} cancelled by the broker")]
+    ConsumerCancelled {
+        /// The consumer's tag.
+        tag: String,
+    },
+
+    // ---- caller errors -----------------------------------------------
+    /// A parameter value is out of range or malformed; names the parameter.
+    #[error("invalid {name}: {reason}")]
+    InvalidParameter {
+        /// The parameter's name, e.g. `frame_max`.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A URL could not be parsed into connection parameters.
+    #[error("invalid AMQP URL: {reason}")]
+    InvalidUrl {
+        /// What is wrong with it (passwords redacted).
+        reason: String,
+    },
+    /// A value given to a call could not be encoded (e.g. a 300-byte queue
+    /// name), or a frame would exceed frame_max.
+    #[error("cannot encode: {0}")]
+    Encode(CodecError),
+    /// The event loop failed (e.g. the poller could not register a socket).
+    #[error("I/O loop error: {0}")]
+    IoLoop(Arc<io::Error>),
+}
+
+impl Error {
+    /// Whether this is one of pika's connection errors (the connection is,
+    /// or was never, open).
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Connect { .. }
+                | Error::Resolve { .. }
+                | Error::SocketTimeout { .. }
+                | Error::StackTimeout { .. }
+                | Error::ConnectionWorkflowFailed { .. }
+                | Error::IncompatibleProtocol { .. }
+                | Error::AuthenticationError { .. }
+                | Error::ProbableAuthenticationError { .. }
+                | Error::ProbableAccessDeniedError { .. }
+                | Error::ConnectionClosedByBroker { .. }
+                | Error::ConnectionClosedByClient { .. }
+                | Error::ConnectionOpenAborted
+                | Error::ConnectionWrongState { .. }
+                | Error::AmqpHeartbeatTimeout { .. }
+                | Error::ConnectionBlockedTimeout { .. }
+                | Error::StreamLost { .. }
+                | Error::Protocol(_)
+                | Error::UnexpectedFrame { .. }
+                | Error::NoFreeChannels { .. }
+                | Error::InvalidChannelNumber { .. }
+        )
+    }
+
+    /// Whether this is one of pika's channel errors.
+    pub fn is_channel_error(&self) -> bool {
+        matches!(
+            self,
+            Error::ChannelClosedByBroker { .. }
+                | Error::ChannelClosedByClient { .. }
+                | Error::ChannelWrongState { .. }
+                | Error::DuplicateConsumerTag { .. }
+                | Error::DuplicateGetOkCallback
+                | Error::ConsumerCancelled { .. }
+        )
+    }
+
+    /// The AMQP reply code the error carries, when it has one.
+    pub fn reply_code(&self) -> Option<u16> {
+        match self {
+            Error::ProbableAuthenticationError { reply_code, .. }
+            | Error::ProbableAccessDeniedError { reply_code, .. }
+            | Error::ConnectionClosedByBroker { reply_code, .. }
+            | Error::ConnectionClosedByClient { reply_code, .. }
+            | Error::ChannelClosedByBroker { reply_code, .. }
+            | Error::ChannelClosedByClient { reply_code, .. } => Some(*reply_code),
+            Error::Protocol(e) => Some(e.reply_code()),
+            Error::UnexpectedFrame { .. } => Some(UNEXPECTED_FRAME),
+            _ => None,
+        }
+    }
+
+    /// The broker's or the closer's text, when the error carries one.
+    pub fn reply_text(&self) -> Option<&str> {
+        match self {
+            Error::ProbableAuthenticationError { reply_text, .. }
+            | Error::ProbableAccessDeniedError { reply_text, .. }
+            | Error::ConnectionClosedByBroker { reply_text, .. }
+            | Error::ConnectionClosedByClient { reply_text, .. }
+            | Error::ChannelClosedByBroker { reply_text, .. }
+            | Error::ChannelClosedByClient { reply_text, .. } => Some(reply_text),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn stream_lost(detail: impl Into<String>, source: Option<io::Error>) -> Error {
+        Error::StreamLost {
+            detail: detail.into(),
+            source: source.map(Arc::new),
+        }
+    }
+
+    pub(crate) fn invalid(name: &'static str, reason: impl Into<String>) -> Error {
+        Error::InvalidParameter {
+            name,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<CodecError> for Error {
+    /// A codec error from the caller's values ([`Error::Encode`]); decode
+    /// errors from the wire are mapped to [`Error::Protocol`] where they
+    /// happen.
+    fn from(e: CodecError) -> Self {
+        Error::Encode(e)
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    fn assert_traits<T: Clone + Send + Sync + 'static + std::error::Error>() {}
+
+    #[test]
+    fn error_is_clone_send_sync_static() {
+        assert_traits::<Error>();
+        let e = Error::stream_lost(
+            "EOF",
+            Some(io::Error::new(io::ErrorKind::ConnectionReset, "reset")),
+        );
+        let copy = e.clone();
+        assert_eq!(copy.to_string(), "stream lost: EOF");
+        assert!(copy.is_connection_error() && !copy.is_channel_error());
+    }
+
+    #[test]
+    fn families_and_reply_codes() {
+        let ch = Error::ChannelClosedByBroker {
+            reply_code: 404,
+            reply_text: "NOT_FOUND - no queue 'x'".into(),
+        };
+        assert!(ch.is_channel_error() && !ch.is_connection_error());
+        assert_eq!(ch.reply_code(), Some(404));
+        assert_eq!(ch.reply_text(), Some("NOT_FOUND - no queue 'x'"));
+        let bad = Error::Protocol(CodecError::UnknownFrameType {
+            frame_type: 9,
+            channel: 0,
+        });
+        assert_eq!(bad.reply_code(), Some(FRAME_ERROR));
+        let p = Error::invalid("frame_max", "must be at least 4096, got 100");
+        assert_eq!(
+            p.to_string(),
+            "invalid frame_max: must be at least 4096, got 100"
+        );
+        assert!(!p.is_connection_error() && !p.is_channel_error());
+    }
+}

@@ -35,13 +35,23 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod channel;
+pub mod connection;
+pub mod credentials;
 pub mod error;
 pub mod frame;
+pub mod parameters;
+mod pyliteral;
 pub mod spec;
 pub mod table;
 mod wire;
 
-pub use error::CodecError;
+pub use channel::{Channel, ChannelState};
+pub use connection::{ConnectionHandle, ConnectionState, SelectConnection};
+pub use credentials::{Credentials, ExternalCredentials, PlainCredentials};
+pub use error::{CodecError, Error};
+pub use ioloop::IoLoop;
+pub use parameters::{ConnectionParameters, Heartbeat, TcpOptions, UrlParameters};
 pub use spec::BasicProperties;
 pub use table::{Decimal, FieldTable, FieldValue, LongString};
 

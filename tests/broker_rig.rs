@@ -7,7 +7,6 @@
 mod common;
 
 use std::io::Read;
-use std::process::Command;
 
 use common::{OwnedFrame, RawSession};
 use pika::error::CodecError;
@@ -150,27 +149,6 @@ fn handshake_with(client_properties: FieldTable, name: &str) -> RawSession {
     session
 }
 
-fn rabbitmqctl(args: &[&str]) -> String {
-    let node = std::env::var("RABBITMQ_NODENAME").unwrap_or_else(|_| {
-        panic!(
-            "RABBITMQ_NODENAME is not set: run through `scripts/with-broker`, or set it to the \
-             node behind AMQP_URL so tests can call rabbitmqctl"
-        )
-    });
-    let out = Command::new("rabbitmqctl")
-        .arg("-n")
-        .arg(&node)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run rabbitmqctl (is RabbitMQ installed?): {e}"));
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn broker_reads_every_field_type_we_encode_in_client_properties() {
     let name = format!("every-type-{}", std::process::id());
@@ -178,7 +156,7 @@ fn broker_reads_every_field_type_we_encode_in_client_properties() {
 
     // The broker decoded our table with its own parser; it prints each value
     // with the type it read.
-    let listing = rabbitmqctl(&[
+    let listing = common::rabbitmqctl(&[
         "eval",
         "io:format(\"~w~n\", [rabbit_networking:connection_info_all([client_properties])]).",
     ]);

@@ -148,3 +148,67 @@ impl RawSession {
         self.stream.write_all(bytes).unwrap();
     }
 }
+
+/// Connection parameters for the broker at `AMQP_URL`, with short timeouts
+/// suited to tests.
+pub fn broker_params() -> pika::ConnectionParameters {
+    let mut params = pika::UrlParameters::parse(&amqp_url())
+        .unwrap_or_else(|e| panic!("AMQP_URL does not parse: {e}"))
+        .into_parameters();
+    params
+        .set_socket_timeout(Duration::from_secs(5))
+        .unwrap()
+        .set_stack_timeout(Duration::from_secs(10))
+        .unwrap();
+    params
+}
+
+/// Runs `ioloop` until something calls `stop()`, failing the test if that
+/// takes longer than `limit` (a liveness bound, not a timing assertion).
+pub fn run_loop(ioloop: &pika::IoLoop, limit: Duration) {
+    let stopper = ioloop.clone();
+    let expired = std::rc::Rc::new(std::cell::Cell::new(false));
+    let flag = expired.clone();
+    let watchdog = ioloop.call_later(limit, move || {
+        flag.set(true);
+        stopper.stop();
+    });
+    ioloop.start().expect("the loop runs");
+    ioloop.remove_timeout(watchdog);
+    assert!(!expired.get(), "the loop did not finish within {limit:?}");
+}
+
+/// Runs `rabbitmqctl -n $RABBITMQ_NODENAME ARGS`, returning its stdout.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let node = std::env::var("RABBITMQ_NODENAME").unwrap_or_else(|_| {
+        panic!(
+            "RABBITMQ_NODENAME is not set: run through `scripts/with-broker`, or set it to the \
+             node behind AMQP_URL so tests can call rabbitmqctl"
+        )
+    });
+    let out = std::process::Command::new("rabbitmqctl")
+        .arg("-n")
+        .arg(&node)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run rabbitmqctl (is RabbitMQ installed?): {e}"));
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The broker's view of the connection whose client port is `local_port`:
+/// the requested `rabbitmqctl list_connections` columns, tab-separated.
+pub fn broker_connection_info(local_port: u16, columns: &[&str]) -> Option<Vec<String>> {
+    let mut args = vec!["-q", "list_connections", "peer_port"];
+    args.extend_from_slice(columns);
+    let listing = rabbitmqctl(&args);
+    listing.lines().find_map(|line| {
+        let mut fields = line.split('\t');
+        let port: u16 = fields.next()?.trim().parse().ok()?;
+        (port == local_port).then(|| fields.map(str::to_string).collect())
+    })
+}
