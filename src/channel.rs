@@ -206,6 +206,42 @@ impl Channel {
         self.send_method(method.into())
     }
 
+    /// Publishes a message (Basic.Publish with its content header and
+    /// body, split into frames of at most frame_max).
+    ///
+    /// # Errors
+    /// [`Error::ChannelWrongState`] when the channel is not open;
+    /// [`Error::Encode`] for a name over 255 bytes or a content header over
+    /// frame_max. Nothing is sent then.
+    pub fn basic_publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: &crate::spec::BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), Error> {
+        if self.state() != ChannelState::Open {
+            return Err(Error::ChannelWrongState {
+                detail: format!(
+                    "channel {} is {:?}, cannot publish",
+                    self.shared.number,
+                    self.state()
+                ),
+            });
+        }
+        let conn = self.connection().ok_or_else(|| Error::ChannelWrongState {
+            detail: "the connection is gone".into(),
+        })?;
+        let method = crate::spec::basic::Publish {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            mandatory,
+            ..Default::default()
+        };
+        conn.send_message_on_channel(self.shared.number, &method.into(), properties, body)
+    }
+
     /// Sends a method on this channel.
     pub(crate) fn send_method(&self, method: Method) -> Result<(), Error> {
         let conn = self

@@ -1536,6 +1536,44 @@ impl SelectConnection {
         self.send_on(channel, method)
     }
 
+    /// Encodes a whole message (method, content header, body frames) on a
+    /// channel (used by [`Channel`]).
+    pub(crate) fn send_message_on_channel(
+        &self,
+        channel: u16,
+        method: &Method,
+        properties: &crate::spec::BasicProperties,
+        body: &[u8],
+    ) -> Result<(), Error> {
+        {
+            let mut st = self.shared.state.borrow_mut();
+            if st.phase != ConnectionState::Open {
+                return Err(Error::ConnectionWrongState {
+                    detail: format!("connection is {:?}, cannot publish", st.phase),
+                });
+            }
+            let frame_max = st.frame_max;
+            let Some(s) = st.session.as_mut() else {
+                return Err(Error::ConnectionWrongState {
+                    detail: "the connection has no socket".into(),
+                });
+            };
+            frame::encode_message(
+                &mut s.outbound,
+                channel,
+                method,
+                properties,
+                body,
+                frame_max,
+            )?;
+            if s.outbound.len() > st.high_water {
+                st.above_high_water = true;
+            }
+        }
+        self.set_interest();
+        Ok(())
+    }
+
     /// Encodes and writes at once, best effort (before dropping a socket).
     fn send_now(&self, method: &Method) {
         if self.send_on(0, method).is_ok() {

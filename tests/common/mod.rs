@@ -212,3 +212,6 @@ pub fn broker_connection_info(local_port: u16, columns: &[&str]) -> Option<Vec<S
         (port == local_port).then(|| fields.map(str::to_string).collect())
     })
 }
+
+pub mod fake_broker;
+pub mod proxy;
