@@ -1574,10 +1574,22 @@ impl SelectConnection {
         Ok(())
     }
 
-    /// Encodes and writes at once, best effort (before dropping a socket).
+    /// Encodes and writes at once, best effort, right before the socket is
+    /// dropped: a write error here changes nothing (the caller is already
+    /// ending the connection with its own reason).
     fn send_now(&self, method: &Method) {
-        if self.send_on(0, method).is_ok() {
-            self.flush();
+        if self.send_on(0, method).is_err() {
+            return;
+        }
+        let st = self.shared.state.borrow();
+        if let Some(s) = st.session.as_ref().filter(|s| s.connected) {
+            let mut rest = &s.outbound[..];
+            while !rest.is_empty() {
+                match (&*s.stream).write(rest) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => rest = &rest[n..],
+                }
+            }
         }
     }
 
