@@ -509,3 +509,45 @@ fn connection_attempts_and_retry_delay_are_honoured() {
     // Two delays of 300 ms between three rounds: at least 600 ms.
     assert!(elapsed >= Duration::from_millis(600), "{elapsed:?}");
 }
+
+#[test]
+fn outbound_buffer_is_visible_and_drained_callback_fires_below_low_water() {
+    let drained = Rc::new(Cell::new(0u32));
+    let seen_size = Rc::new(Cell::new(0usize));
+    let (d, s) = (drained.clone(), seen_size.clone());
+    let (conn, outcome) = connect(broker_params(), move |conn| {
+        conn.set_outbound_watermarks(64 * 1024, 16 * 1024).unwrap();
+        assert!(matches!(
+            conn.set_outbound_watermarks(1, 2),
+            Err(Error::InvalidParameter { .. })
+        ));
+        let d = d.clone();
+        conn.add_on_outbound_drained_callback(move |conn| {
+            d.set(d.get() + 1);
+            assert!(conn.outbound_buffer_size() < 16 * 1024);
+            assert!(!conn.is_outbound_above_high_water());
+            conn.close(200, "drained").unwrap();
+        });
+        let s = s.clone();
+        conn.channel(None, move |ch| {
+            let ch = ch.unwrap();
+            let conn = ch.connection().unwrap();
+            let body = vec![7u8; 256 * 1024];
+            for _ in 0..8 {
+                ch.basic_publish("", "no-such-queue", &body, &Default::default(), false)
+                    .unwrap();
+            }
+            // Nothing has been written yet: it is all in the buffer.
+            s.set(conn.outbound_buffer_size());
+            assert!(conn.is_outbound_above_high_water());
+        })
+        .unwrap();
+    });
+    run_loop(conn.ioloop(), LIMIT);
+    assert!(seen_size.get() >= 8 * 256 * 1024, "{}", seen_size.get());
+    assert_eq!(drained.get(), 1);
+    assert!(matches!(
+        outcome.closes.borrow().as_slice(),
+        [Error::ConnectionClosedByClient { .. }]
+    ));
+}
