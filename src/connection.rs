@@ -126,6 +126,8 @@ impl ConnectionState {
 
 /// One TCP connection attempt and everything that lives and dies with it.
 struct Session {
+    /// Tells this attempt's session from a later one's.
+    generation: u64,
     stream: Rc<TcpStream>,
     handler: Option<HandlerId>,
     address: SocketAddr,
@@ -194,6 +196,8 @@ struct State {
     high_water: usize,
     low_water: usize,
     above_high_water: bool,
+    sessions_started: u64,
+    consumer_tags_issued: u64,
 }
 
 /// Shared state behind [`SelectConnection`] handles.
@@ -400,6 +404,8 @@ impl SelectConnection {
                 high_water: 16 * 1024 * 1024,
                 low_water: 4 * 1024 * 1024,
                 above_high_water: false,
+                sessions_started: 0,
+                consumer_tags_issued: 0,
             }),
             threadsafe: Arc::new(Mutex::new(ThreadsafeQueue {
                 closed: false,
@@ -789,7 +795,10 @@ impl SelectConnection {
         let mut st = self.shared.state.borrow_mut();
         st.params = params;
         st.frame_max = FRAME_MIN_SIZE;
+        st.sessions_started += 1;
+        let generation = st.sessions_started;
         st.session = Some(Session {
+            generation,
             stream,
             handler: Some(handler),
             address: addr,
@@ -994,47 +1003,62 @@ impl SelectConnection {
 
     /// Parses and handles every whole frame in the inbound buffer, one at a
     /// time, running each frame's callbacks before the next is parsed.
+    ///
+    /// The read buffer is moved out of the session while a frame is
+    /// handled: a body frame borrows its payload from it (the body is
+    /// copied once, into the message being assembled), and no borrow of the
+    /// connection's state is held while user callbacks run.
     fn process_inbound(&self) {
         loop {
-            let outcome = {
+            let (inbound, start, frame_max, generation) = {
                 let mut st = self.shared.state.borrow_mut();
                 let frame_max = st.frame_max;
                 let Some(s) = st.session.as_mut() else { return };
-                let inbound = std::mem::take(&mut s.inbound);
-                let start = s.inbound_start;
-                let parsed = frame::parse_frame(&inbound[start..], frame_max);
-                let outcome = match parsed {
-                    Ok(None) => None,
-                    Ok(Some((frame, used))) => {
-                        let frame = OwnedFrame::from(frame);
-                        Some((Ok(frame), used))
-                    }
-                    Err(e) => Some((Err(e), 0)),
-                };
-                if let Some(s) = st.session.as_mut() {
-                    s.inbound = inbound;
-                    if let Some((_, used)) = &outcome {
-                        s.inbound_start += used;
-                    } else if s.inbound_start > 0 {
-                        // Keep the partial frame at the front.
-                        s.inbound.drain(..s.inbound_start);
-                        s.inbound_start = 0;
+                (
+                    std::mem::take(&mut s.inbound),
+                    s.inbound_start,
+                    frame_max,
+                    s.generation,
+                )
+            };
+            match frame::parse_frame(&inbound[start..], frame_max) {
+                Ok(None) => {
+                    self.restore_inbound(inbound, start, generation);
+                    return;
+                }
+                Ok(Some((frame, used))) => {
+                    self.handle_frame(frame);
+                    if !self.restore_inbound(inbound, start + used, generation) {
+                        return;
                     }
                 }
-                outcome
-            };
-            match outcome {
-                None => return,
-                Some((Ok(frame), _)) => self.handle_frame(frame),
-                Some((Err(e), _)) => {
+                Err(e) => {
+                    self.restore_inbound(inbound, start, generation);
                     self.protocol_failure(e);
                     return;
                 }
             }
-            if self.shared.state.borrow().session.is_none() {
-                return;
-            }
         }
+    }
+
+    /// Puts the read buffer back into its session, unless that session is
+    /// gone (closed, or replaced by a later attempt's) — then false.
+    fn restore_inbound(&self, mut inbound: Vec<u8>, mut start: usize, generation: u64) -> bool {
+        let mut st = self.shared.state.borrow_mut();
+        let Some(s) = st.session.as_mut().filter(|s| s.generation == generation) else {
+            return false;
+        };
+        if start == inbound.len() {
+            inbound.clear();
+            start = 0;
+        } else if start >= READ_CHUNK {
+            // Keep the unparsed tail at the front.
+            inbound.drain(..start);
+            start = 0;
+        }
+        s.inbound = inbound;
+        s.inbound_start = start;
+        true
     }
 
     fn on_stream_end(&self, error: Option<io::Error>) {
@@ -1083,7 +1107,9 @@ impl SelectConnection {
     /// the socket.
     fn protocol_failure(&self, e: CodecError) {
         let phase = self.state();
-        if let CodecError::ProtocolHeader { .. } = e {
+        // A protocol header is the broker's answer to ours only while
+        // opening; once open it is malformed input like any other (501).
+        if let (CodecError::ProtocolHeader { .. }, true) = (&e, phase.is_opening()) {
             self.attempt_failed(Error::IncompatibleProtocol {
                 detail: e.to_string(),
             });
@@ -1129,43 +1155,53 @@ impl SelectConnection {
     // Frames
     // ------------------------------------------------------------------
 
-    fn handle_frame(&self, frame: OwnedFrame) {
+    fn handle_frame(&self, frame: Frame<'_>) {
         let phase = self.state();
-        match frame {
-            OwnedFrame::Heartbeat => {}
-            OwnedFrame::Method(0, method) => self.handle_connection_method(phase, method),
-            OwnedFrame::Method(number, method) => {
-                if phase != ConnectionState::Open && phase != ConnectionState::Closing {
-                    self.unexpected(format!(
-                        "{} on channel {number} before the connection is open",
-                        method.name()
-                    ));
-                    return;
-                }
-                let channel = self.channel_by_number(number);
-                match channel {
-                    Some(ch) => {
-                        let deferred = ch.handle_method(method);
-                        self.run(deferred);
-                        if phase == ConnectionState::Closing {
-                            self.maybe_send_connection_close();
-                        }
-                    }
-                    None => self.unexpected(format!(
-                        "{} on channel {number}, which is not open",
-                        method.name()
-                    )),
+        let number = frame.channel();
+        if number != 0 && phase != ConnectionState::Open && phase != ConnectionState::Closing {
+            self.unexpected(format!(
+                "a frame on channel {number} before the connection is open"
+            ));
+            return;
+        }
+        let result = match frame {
+            Frame::Heartbeat => return,
+            Frame::Method { channel: 0, method } => {
+                self.handle_connection_method(phase, method);
+                return;
+            }
+            Frame::Header { channel: 0, .. } | Frame::Body { channel: 0, .. } => {
+                self.unexpected("content frame on channel 0".into());
+                return;
+            }
+            Frame::Method { method, .. } => match self.channel_by_number(number) {
+                Some(ch) => ch.handle_method(method),
+                None => Err(Error::UnexpectedFrame {
+                    detail: format!("{} on channel {number}, which is not open", method.name()),
+                }),
+            },
+            Frame::Header { header, .. } => match self.channel_by_number(number) {
+                Some(ch) => ch.handle_header(header),
+                None => Err(Error::UnexpectedFrame {
+                    detail: format!("content header on channel {number}, which is not open"),
+                }),
+            },
+            Frame::Body { payload, .. } => match self.channel_by_number(number) {
+                Some(ch) => ch.handle_body(payload),
+                None => Err(Error::UnexpectedFrame {
+                    detail: format!("body frame on channel {number}, which is not open"),
+                }),
+            },
+        };
+        match result {
+            Ok(deferred) => {
+                self.run(deferred);
+                if self.state() == ConnectionState::Closing {
+                    self.maybe_send_connection_close();
                 }
             }
-            OwnedFrame::Header(0) | OwnedFrame::Body(0) => {
-                self.unexpected("content frame on channel 0".into())
-            }
-            OwnedFrame::Header(number) | OwnedFrame::Body(number) => {
-                if self.channel_by_number(number).is_none() {
-                    self.unexpected(format!("content on channel {number}, which is not open"));
-                }
-                // Content is assembled by the channel layer (a later issue).
-            }
+            Err(Error::UnexpectedFrame { detail }) => self.unexpected(detail),
+            Err(other) => self.unexpected(other.to_string()),
         }
     }
 
@@ -1278,6 +1314,20 @@ impl SelectConnection {
     }
 
     fn on_tune(&self, tune: connection::Tune) {
+        // The spec's minimum frame_max is 4096 (0 means "no limit"): a
+        // broker proposing less does not speak AMQP 0-9-1, and agreeing
+        // would leave us a frame_max below the spec's floor.
+        if tune.frame_max != 0 && tune.frame_max < FRAME_MIN_SIZE {
+            self.attempt_failed(Error::IncompatibleProtocol {
+                detail: format!(
+                    "the broker's Connection.Tune proposes frame_max {}, below AMQP 0-9-1's \
+                     minimum of {FRAME_MIN_SIZE}",
+                    tune.frame_max
+                ),
+            });
+            self.next_attempt();
+            return;
+        }
         let tune_ok = {
             let mut st = self.shared.state.borrow_mut();
             let mut channel_max = negotiate(
@@ -1572,6 +1622,46 @@ impl SelectConnection {
         }
         self.set_interest();
         Ok(())
+    }
+
+    /// Encodes one method frame for `channel` under the negotiated
+    /// frame_max (used by [`Channel`] to validate a request at the call and
+    /// send it later, in turn).
+    pub(crate) fn encode_frame(&self, channel: u16, method: &Method) -> Result<Vec<u8>, Error> {
+        let frame_max = self.shared.state.borrow().frame_max;
+        let mut out = Vec::new();
+        frame::encode_method(&mut out, channel, method, frame_max)?;
+        Ok(out)
+    }
+
+    /// Appends already encoded frames to the outbound buffer.
+    pub(crate) fn send_frame_bytes(&self, bytes: &[u8]) -> Result<(), Error> {
+        {
+            let mut st = self.shared.state.borrow_mut();
+            if st.phase != ConnectionState::Open && st.phase != ConnectionState::Closing {
+                return Err(Error::ConnectionWrongState {
+                    detail: format!("connection is {:?}, cannot send", st.phase),
+                });
+            }
+            let Some(s) = st.session.as_mut() else {
+                return Err(Error::ConnectionWrongState {
+                    detail: "the connection has no socket".into(),
+                });
+            };
+            s.outbound.extend_from_slice(bytes);
+            if s.outbound.len() > st.high_water {
+                st.above_high_water = true;
+            }
+        }
+        self.set_interest();
+        Ok(())
+    }
+
+    /// A consumer tag unique on this connection: `ctag<channel>.<n>`.
+    pub(crate) fn next_consumer_tag(&self, channel: u16) -> String {
+        let mut st = self.shared.state.borrow_mut();
+        st.consumer_tags_issued += 1;
+        format!("ctag{channel}.{}", st.consumer_tags_issued)
     }
 
     /// Encodes and writes at once, best effort, right before the socket is
@@ -2036,24 +2126,4 @@ fn apply_tcp_options(socket: &SockRef<'_>, opts: &crate::parameters::TcpOptions)
         socket.set_tcp_user_timeout(Some(t))?;
     }
     Ok(())
-}
-
-/// A frame whose body was copied out of the read buffer.
-#[derive(Debug)]
-enum OwnedFrame {
-    Method(u16, Method),
-    Header(u16),
-    Body(u16),
-    Heartbeat,
-}
-
-impl From<Frame<'_>> for OwnedFrame {
-    fn from(frame: Frame<'_>) -> Self {
-        match frame {
-            Frame::Method { channel, method } => OwnedFrame::Method(channel, method),
-            Frame::Header { channel, .. } => OwnedFrame::Header(channel),
-            Frame::Body { channel, .. } => OwnedFrame::Body(channel),
-            Frame::Heartbeat => OwnedFrame::Heartbeat,
-        }
-    }
 }
