@@ -46,7 +46,10 @@ pub mod spec;
 pub mod table;
 mod wire;
 
-pub use channel::{Channel, ChannelState};
+pub use channel::{
+    BasicConsumeOptions, Channel, ChannelState, Confirmation, Delivery, ExchangeDeclareOptions,
+    GetMessage, QueueDeclareOptions, QueueDeleteOptions, ReturnedMessage,
+};
 pub use connection::{ConnectionHandle, ConnectionState, SelectConnection};
 pub use credentials::{Credentials, ExternalCredentials, PlainCredentials};
 pub use error::{CodecError, Error};
