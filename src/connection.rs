@@ -132,8 +132,12 @@ struct Session {
     handler: Option<HandlerId>,
     address: SocketAddr,
     connected: bool,
+    /// The read buffer: bytes `inbound_start..inbound_end` are received and
+    /// not yet parsed. Its length is its allocated size, zeroed once, so a
+    /// read does not clear memory first.
     inbound: Vec<u8>,
     inbound_start: usize,
+    inbound_end: usize,
     outbound: Vec<u8>,
     write_interest: bool,
     last_sent: Instant,
@@ -803,8 +807,9 @@ impl SelectConnection {
             handler: Some(handler),
             address: addr,
             connected: false,
-            inbound: Vec::with_capacity(READ_CHUNK),
+            inbound: vec![0; READ_CHUNK],
             inbound_start: 0,
+            inbound_end: 0,
             outbound: Vec::new(),
             write_interest: true,
             last_sent: now,
@@ -965,18 +970,25 @@ impl SelectConnection {
             let result = {
                 let mut st = self.shared.state.borrow_mut();
                 let Some(s) = st.session.as_mut() else { return };
-                if s.inbound_start > 0 && s.inbound_start == s.inbound.len() {
-                    s.inbound.clear();
+                if s.inbound.len() - s.inbound_end < READ_CHUNK {
+                    // Move the unparsed tail to the front, then grow if a
+                    // frame larger than the buffer is arriving.
+                    s.inbound.copy_within(s.inbound_start..s.inbound_end, 0);
+                    s.inbound_end -= s.inbound_start;
                     s.inbound_start = 0;
+                    if s.inbound.len() - s.inbound_end < READ_CHUNK {
+                        let grown = s.inbound_end + READ_CHUNK;
+                        s.inbound.resize(grown, 0);
+                    }
                 }
-                let len = s.inbound.len();
-                s.inbound.resize(len + READ_CHUNK, 0);
                 let stream = s.stream.clone();
-                let r = (&*stream).read(&mut s.inbound[len..]);
-                let n = *r.as_ref().unwrap_or(&0);
-                s.inbound.truncate(len + n);
-                if n > 0 {
-                    s.last_received = Instant::now();
+                let end = s.inbound_end;
+                let r = (&*stream).read(&mut s.inbound[end..]);
+                if let Ok(n) = r {
+                    s.inbound_end += n;
+                    if n > 0 {
+                        s.last_received = Instant::now();
+                    }
                 }
                 r
             };
@@ -1010,30 +1022,31 @@ impl SelectConnection {
     /// connection's state is held while user callbacks run.
     fn process_inbound(&self) {
         loop {
-            let (inbound, start, frame_max, generation) = {
+            let (inbound, start, end, frame_max, generation) = {
                 let mut st = self.shared.state.borrow_mut();
                 let frame_max = st.frame_max;
                 let Some(s) = st.session.as_mut() else { return };
                 (
                     std::mem::take(&mut s.inbound),
                     s.inbound_start,
+                    s.inbound_end,
                     frame_max,
                     s.generation,
                 )
             };
-            match frame::parse_frame(&inbound[start..], frame_max) {
+            match frame::parse_frame(&inbound[start..end], frame_max) {
                 Ok(None) => {
-                    self.restore_inbound(inbound, start, generation);
+                    self.restore_inbound(inbound, start, end, generation);
                     return;
                 }
                 Ok(Some((frame, used))) => {
                     self.handle_frame(frame);
-                    if !self.restore_inbound(inbound, start + used, generation) {
+                    if !self.restore_inbound(inbound, start + used, end, generation) {
                         return;
                     }
                 }
                 Err(e) => {
-                    self.restore_inbound(inbound, start, generation);
+                    self.restore_inbound(inbound, start, end, generation);
                     self.protocol_failure(e);
                     return;
                 }
@@ -1043,21 +1056,19 @@ impl SelectConnection {
 
     /// Puts the read buffer back into its session, unless that session is
     /// gone (closed, or replaced by a later attempt's) — then false.
-    fn restore_inbound(&self, mut inbound: Vec<u8>, mut start: usize, generation: u64) -> bool {
+    fn restore_inbound(&self, inbound: Vec<u8>, start: usize, end: usize, generation: u64) -> bool {
         let mut st = self.shared.state.borrow_mut();
         let Some(s) = st.session.as_mut().filter(|s| s.generation == generation) else {
             return false;
         };
-        if start == inbound.len() {
-            inbound.clear();
-            start = 0;
-        } else if start >= READ_CHUNK {
-            // Keep the unparsed tail at the front.
-            inbound.drain(..start);
-            start = 0;
-        }
         s.inbound = inbound;
-        s.inbound_start = start;
+        if start == end {
+            s.inbound_start = 0;
+            s.inbound_end = 0;
+        } else {
+            s.inbound_start = start;
+            s.inbound_end = end;
+        }
         true
     }
 
