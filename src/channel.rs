@@ -533,7 +533,8 @@ impl Channel {
         allow_closing: bool,
     ) -> Result<(), Error> {
         let state = self.state();
-        let allowed = state == ChannelState::Open || (allow_closing && state == ChannelState::Closing);
+        let allowed =
+            state == ChannelState::Open || (allow_closing && state == ChannelState::Closing);
         if !allowed {
             return Err(wrong_state(self.shared.number, state, method.name()));
         }
@@ -560,17 +561,26 @@ impl Channel {
         loop {
             let (frame, name) = {
                 let mut inner = self.shared.inner.borrow_mut();
-                let Some(front) = inner.rpcs.front_mut() else {
+                // At most one request is in flight, at the front. Behind it,
+                // asynchronous items (no reply) go out at once; the next
+                // request waits for the reply.
+                let idx = match inner.rpcs.front() {
+                    Some(front) if front.sent => 1,
+                    Some(_) => 0,
+                    None => return,
+                };
+                let Some(item) = inner.rpcs.get_mut(idx) else {
                     return;
                 };
-                if front.sent {
+                let is_request = !item.replies.is_empty();
+                if is_request && idx == 1 {
                     return;
                 }
-                front.sent = true;
-                let frame = std::mem::take(&mut front.frame);
-                let name = front.name;
-                if front.replies.is_empty() {
-                    inner.rpcs.pop_front();
+                item.sent = true;
+                let frame = std::mem::take(&mut item.frame);
+                let name = item.name;
+                if !is_request {
+                    inner.rpcs.remove(idx);
                 }
                 (frame, name)
             };
@@ -626,7 +636,10 @@ impl Channel {
         arguments: FieldTable,
         callback: impl FnOnce(&Channel, Result<exchange::DeclareOk, Error>) + 'static,
     ) -> Result<(), Error> {
-        self.rpc(exchange_declare(exchange, options, arguments, false), callback)
+        self.rpc(
+            exchange_declare(exchange, options, arguments, false),
+            callback,
+        )
     }
 
     /// [`Channel::exchange_declare`] with `nowait`: no reply is awaited.
@@ -896,7 +909,11 @@ impl Channel {
     ///
     /// # Errors
     /// [`Error::ChannelWrongState`], [`Error::Encode`].
-    pub fn queue_delete_nowait(&self, queue: &str, options: QueueDeleteOptions) -> Result<(), Error> {
+    pub fn queue_delete_nowait(
+        &self,
+        queue: &str,
+        options: QueueDeleteOptions,
+    ) -> Result<(), Error> {
         self.nowait(queue_delete(queue, options, true))
     }
 
@@ -971,13 +988,19 @@ impl Channel {
         let tag_for_reply = tag.clone();
         let sent = self.enqueue(
             m.into(),
-            Some(Box::new(move |ch: &Channel, reply: Result<RpcReply, Error>| {
-                let reply = reply.and_then(|r| typed::<basic::ConsumeOk>(r.method));
-                if reply.is_err() {
-                    ch.shared.inner.borrow_mut().consumers.remove(&tag_for_reply);
-                }
-                callback(ch, reply);
-            })),
+            Some(Box::new(
+                move |ch: &Channel, reply: Result<RpcReply, Error>| {
+                    let reply = reply.and_then(|r| typed::<basic::ConsumeOk>(r.method));
+                    if reply.is_err() {
+                        ch.shared
+                            .inner
+                            .borrow_mut()
+                            .consumers
+                            .remove(&tag_for_reply);
+                    }
+                    callback(ch, reply);
+                },
+            )),
             false,
         );
         if let Err(e) = sent {
@@ -1046,10 +1069,12 @@ impl Channel {
                 };
                 self.enqueue(
                     m.into(),
-                    Some(Box::new(move |ch: &Channel, reply: Result<RpcReply, Error>| {
-                        ch.shared.inner.borrow_mut().consumers.remove(&tag);
-                        cb(ch, reply.and_then(|r| typed(r.method)));
-                    })),
+                    Some(Box::new(
+                        move |ch: &Channel, reply: Result<RpcReply, Error>| {
+                            ch.shared.inner.borrow_mut().consumers.remove(&tag);
+                            cb(ch, reply.and_then(|r| typed(r.method)));
+                        },
+                    )),
                     allow_closing,
                 )
             }
@@ -1064,7 +1089,13 @@ impl Channel {
             }
         };
         if result.is_err() {
-            if let Some(c) = self.shared.inner.borrow_mut().consumers.get_mut(consumer_tag) {
+            if let Some(c) = self
+                .shared
+                .inner
+                .borrow_mut()
+                .consumers
+                .get_mut(consumer_tag)
+            {
                 c.cancelled = false;
             }
         }
@@ -1095,18 +1126,22 @@ impl Channel {
         self.shared.inner.borrow_mut().get_pending = true;
         let result = self.enqueue(
             m.into(),
-            Some(Box::new(move |ch: &Channel, reply: Result<RpcReply, Error>| {
-                ch.shared.inner.borrow_mut().get_pending = false;
-                let result = reply.map(|r| match (r.method, r.content) {
-                    (Method::BasicGetOk(method), Some((properties, body))) => Some(GetMessage {
-                        method,
-                        properties,
-                        body,
-                    }),
-                    _ => None,
-                });
-                callback(ch, result);
-            })),
+            Some(Box::new(
+                move |ch: &Channel, reply: Result<RpcReply, Error>| {
+                    ch.shared.inner.borrow_mut().get_pending = false;
+                    let result = reply.map(|r| match (r.method, r.content) {
+                        (Method::BasicGetOk(method), Some((properties, body))) => {
+                            Some(GetMessage {
+                                method,
+                                properties,
+                                body,
+                            })
+                        }
+                        _ => None,
+                    });
+                    callback(ch, result);
+                },
+            )),
             false,
         );
         if result.is_err() {
@@ -1134,13 +1169,39 @@ impl Channel {
     ) -> Result<Option<u64>, Error> {
         self.ensure_open("basic_publish")?;
         let conn = self.connection_or_err()?;
-        let method = basic::Publish {
+        let method: Method = basic::Publish {
             exchange: exchange.to_string(),
             routing_key: routing_key.to_string(),
             mandatory,
             ..Default::default()
-        };
-        conn.send_message_on_channel(self.shared.number, &method.into(), properties, body)?;
+        }
+        .into();
+        // Behind a request not yet sent (a declare waiting for the one in
+        // flight, a Confirm.Select), the message waits its turn too: sent
+        // now, it would overtake the request it may depend on, and the
+        // broker would not count it as confirmable.
+        let behind_unsent = self.shared.inner.borrow().rpcs.iter().any(|r| !r.sent);
+        if behind_unsent {
+            let mut frames = Vec::new();
+            crate::frame::encode_message(
+                &mut frames,
+                self.shared.number,
+                &method,
+                properties,
+                body,
+                conn.frame_max(),
+            )?;
+            self.shared.inner.borrow_mut().rpcs.push_back(PendingRpc {
+                frame: frames,
+                name: method.name(),
+                replies: &[],
+                callback: None,
+                sent: false,
+            });
+            self.pump_rpcs();
+        } else {
+            conn.send_message_on_channel(self.shared.number, &method, properties, body)?;
+        }
         let mut inner = self.shared.inner.borrow_mut();
         Ok(inner.confirm.as_mut().map(|c| {
             let tag = c.next_tag;
@@ -1150,9 +1211,17 @@ impl Channel {
         }))
     }
 
+    /// Sends an asynchronous method (ack, nack, reject): at once, unless
+    /// requests not yet sent are queued, then in turn behind them. A
+    /// request waiting for its reply never holds it back.
     fn send_async(&self, method: Method, what: &str) -> Result<(), Error> {
         self.ensure_open(what)?;
-        self.enqueue(method, None, false)
+        let queued = self.shared.inner.borrow().rpcs.iter().any(|r| !r.sent);
+        if queued {
+            self.enqueue(method, None, false)
+        } else {
+            self.send_method(method)
+        }
     }
 
     /// Acknowledges one message, or with `multiple` every message up to and
@@ -1177,7 +1246,12 @@ impl Channel {
     ///
     /// # Errors
     /// [`Error::ChannelWrongState`] when the channel is not open.
-    pub fn basic_nack(&self, delivery_tag: u64, multiple: bool, requeue: bool) -> Result<(), Error> {
+    pub fn basic_nack(
+        &self,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> Result<(), Error> {
         self.send_async(
             basic::Nack {
                 delivery_tag,
@@ -1470,7 +1544,10 @@ impl Channel {
                 }
             }
             other if self.discarding() => {
-                log::debug!("channel {number}: discarding {} while closing", other.name());
+                log::debug!(
+                    "channel {number}: discarding {} while closing",
+                    other.name()
+                );
             }
             Method::ChannelFlow(flow) => {
                 if let Err(e) = self.send_method(
@@ -1505,11 +1582,15 @@ impl Channel {
                     body: Vec::new(),
                 });
             }
-            Method::BasicAck(ack) => self.on_confirm(ack.delivery_tag, ack.multiple, true, &mut deferred),
+            Method::BasicAck(ack) => {
+                self.on_confirm(ack.delivery_tag, ack.multiple, true, &mut deferred)
+            }
             Method::BasicNack(nack) => {
                 self.on_confirm(nack.delivery_tag, nack.multiple, false, &mut deferred)
             }
-            Method::BasicCancel(cancel) if !self.rpc_expects(&Method::BasicCancel(cancel.clone())) => {
+            Method::BasicCancel(cancel)
+                if !self.rpc_expects(&Method::BasicCancel(cancel.clone())) =>
+            {
                 self.on_broker_cancel(cancel, &mut deferred)
             }
             other => {
@@ -1517,9 +1598,10 @@ impl Channel {
                 let matched = {
                     let mut inner = self.shared.inner.borrow_mut();
                     match inner.rpcs.front() {
-                        Some(rpc) if rpc.sent && rpc.replies.contains(&id) => {
-                            inner.rpcs.pop_front().and_then(|mut rpc| rpc.callback.take())
-                        }
+                        Some(rpc) if rpc.sent && rpc.replies.contains(&id) => inner
+                            .rpcs
+                            .pop_front()
+                            .and_then(|mut rpc| rpc.callback.take()),
                         _ => None,
                     }
                 };
@@ -1566,7 +1648,9 @@ impl Channel {
                 .filter(|g| g.replies.contains(&id))
                 .cloned()
                 .collect();
-            inner.generic.retain(|g| !(g.one_shot && g.replies.contains(&id)));
+            inner
+                .generic
+                .retain(|g| !(g.one_shot && g.replies.contains(&id)));
             hits
         };
         for hit in hits {
@@ -1614,7 +1698,9 @@ impl Channel {
                 multiple,
             }
         };
-        deferred.push(Box::new(move |_| (on_ack_nack.borrow_mut())(&ch, confirmation)));
+        deferred.push(Box::new(move |_| {
+            (on_ack_nack.borrow_mut())(&ch, confirmation)
+        }));
     }
 
     fn on_broker_cancel(&self, cancel: basic::Cancel, deferred: &mut Vec<Deferred>) {
@@ -1648,6 +1734,8 @@ impl Channel {
         let number = self.shared.number;
         {
             let mut inner = self.shared.inner.borrow_mut();
+            // Computed under this borrow: `discarding()` would borrow again.
+            let discarding = self.discarding_locked(&inner);
             match inner.content.as_mut() {
                 Some(content) if content.header.is_none() => {
                     content.header = Some((header.properties, header.body_size));
@@ -1661,7 +1749,7 @@ impl Channel {
                         detail: format!("a second content header on channel {number}"),
                     });
                 }
-                None if self.discarding() => return Ok(Vec::new()),
+                None if discarding => return Ok(Vec::new()),
                 None => {
                     return Err(Error::UnexpectedFrame {
                         detail: format!("content header on channel {number} without a method"),
@@ -1940,7 +2028,12 @@ fn exchange_delete(exchange: &str, if_unused: bool, nowait: bool) -> Method {
     .into()
 }
 
-fn queue_declare(queue: &str, o: QueueDeclareOptions, arguments: FieldTable, nowait: bool) -> Method {
+fn queue_declare(
+    queue: &str,
+    o: QueueDeclareOptions,
+    arguments: FieldTable,
+    nowait: bool,
+) -> Method {
     queue::Declare {
         queue: queue.into(),
         passive: o.passive,
