@@ -51,7 +51,7 @@
 //! call, and then the closure is dropped uncalled.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::rc::{Rc, Weak};
 
@@ -258,7 +258,8 @@ struct Consumer {
 
 struct ConfirmState {
     next_tag: u64,
-    unconfirmed: BTreeSet<u64>,
+    /// Unconfirmed delivery tags, ascending (tags only grow).
+    unconfirmed: VecDeque<u64>,
     on_ack_nack: OnAckNack,
 }
 
@@ -1206,7 +1207,7 @@ impl Channel {
         Ok(inner.confirm.as_mut().map(|c| {
             let tag = c.next_tag;
             c.next_tag += 1;
-            c.unconfirmed.insert(tag);
+            c.unconfirmed.push_back(tag);
             tag
         }))
     }
@@ -1317,7 +1318,7 @@ impl Channel {
         // The broker counts publishes from the Select on: so do we.
         self.shared.inner.borrow_mut().confirm = Some(ConfirmState {
             next_tag: 1,
-            unconfirmed: BTreeSet::new(),
+            unconfirmed: VecDeque::new(),
             on_ack_nack: Rc::new(RefCell::new(on_ack_nack)),
         });
         Ok(())
@@ -1679,10 +1680,15 @@ impl Channel {
                 return;
             };
             if multiple {
-                let rest = confirm.unconfirmed.split_off(&(tag + 1));
-                confirm.unconfirmed = rest;
+                while confirm.unconfirmed.front().is_some_and(|&t| t <= tag) {
+                    confirm.unconfirmed.pop_front();
+                }
             } else {
-                confirm.unconfirmed.remove(&tag);
+                if confirm.unconfirmed.front() == Some(&tag) {
+                    confirm.unconfirmed.pop_front();
+                } else if let Ok(i) = confirm.unconfirmed.binary_search(&tag) {
+                    confirm.unconfirmed.remove(i);
+                }
             }
             confirm.on_ack_nack.clone()
         };

@@ -208,6 +208,8 @@ struct State {
 pub(crate) struct Shared {
     id: u64,
     ioloop: IoLoop,
+    /// A socket event is being handled (see `on_socket_event`).
+    in_socket_event: Cell<bool>,
     state: RefCell<State>,
     threadsafe: Arc<Mutex<ThreadsafeQueue>>,
 }
@@ -381,6 +383,7 @@ impl SelectConnection {
         let shared = Rc::new(Shared {
             id,
             ioloop: ioloop.clone(),
+            in_socket_event: Cell::new(false),
             state: RefCell::new(State {
                 phase: ConnectionState::Connecting,
                 params: first,
@@ -897,11 +900,34 @@ impl SelectConnection {
             self.on_connect_ready();
             return;
         }
+        // While this event is handled, frames the callbacks send are only
+        // buffered; they are written once at the end, and write interest is
+        // registered only if the socket would block (one write and no
+        // epoll_ctl per turn in the common case).
+        struct Dispatching<'a>(&'a Cell<bool>);
+        impl Drop for Dispatching<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        let guard = Dispatching(&self.shared.in_socket_event);
+        guard.0.set(true);
         if readiness.is_writable() {
             self.flush();
         }
         if readiness.is_readable() || readiness.is_error() {
             self.read_some();
+        }
+        drop(guard);
+        let pending = self
+            .shared
+            .state
+            .borrow()
+            .session
+            .as_ref()
+            .is_some_and(|s| s.connected && !s.outbound.is_empty());
+        if pending {
+            self.flush();
         }
     }
 
@@ -952,6 +978,9 @@ impl SelectConnection {
         let Some(s) = st.session.as_mut() else { return };
         let Some(h) = s.handler else { return };
         let want = !s.outbound.is_empty();
+        if want && s.connected && self.shared.in_socket_event.get() {
+            return; // written at the end of the socket event
+        }
         if want != s.write_interest || !s.connected {
             s.write_interest = want;
             let interest = if want {
