@@ -35,12 +35,14 @@
 //! # Ordering and serialisation
 //!
 //! As in pika, a channel has at most one synchronous request (declare,
-//! bind, consume, get, …) in flight; later ones wait in a queue and go out
-//! in the order they were called, each when the previous one has its reply.
-//! `nowait` forms and asynchronous methods (publish, ack, nack, reject) are
-//! queued only behind requests not yet sent, never reordered. Methods the
-//! broker sends on its own (Deliver, Return, Cancel, Ack/Nack, Flow, Close)
-//! reach the callbacks in wire order with the replies.
+//! bind, consume, get, …) in flight; later ones — their `nowait` forms too —
+//! wait in a queue and go out in the order they were called, each when the
+//! previous one has its reply. Asynchronous methods (publish, ack, nack,
+//! reject) never wait for a reply: they go out at once, or right behind the
+//! requests called before them that are not yet sent, so they are never
+//! reordered with those. Methods the broker sends on its own (Deliver,
+//! Return, Cancel, Ack/Nack, Flow, Close) reach the callbacks in wire order
+//! with the replies.
 //!
 //! # Every closure fires once
 //!
@@ -246,6 +248,11 @@ struct PendingRpc {
     replies: &'static [MethodId],
     callback: Option<RpcCallback>,
     sent: bool,
+    /// An asynchronous method (ack, nack, reject, publish): it may go out
+    /// while a request waits for its reply. Requests, nowait ones too, wait
+    /// for the request in flight, as in pika (RabbitMQ itself misbehaves on
+    /// a nowait Basic.Cancel sent before the ConsumeOk of its consumer).
+    asynchronous: bool,
 }
 
 struct Consumer {
@@ -533,6 +540,16 @@ impl Channel {
         callback: Option<RpcCallback>,
         allow_closing: bool,
     ) -> Result<(), Error> {
+        self.enqueue_item(method, callback, allow_closing, false)
+    }
+
+    fn enqueue_item(
+        &self,
+        method: Method,
+        callback: Option<RpcCallback>,
+        allow_closing: bool,
+        asynchronous: bool,
+    ) -> Result<(), Error> {
         let state = self.state();
         let allowed =
             state == ChannelState::Open || (allow_closing && state == ChannelState::Closing);
@@ -552,6 +569,7 @@ impl Channel {
             replies,
             callback,
             sent: false,
+            asynchronous,
         });
         self.pump_rpcs();
         Ok(())
@@ -563,8 +581,8 @@ impl Channel {
             let (frame, name) = {
                 let mut inner = self.shared.inner.borrow_mut();
                 // At most one request is in flight, at the front. Behind it,
-                // asynchronous items (no reply) go out at once; the next
-                // request waits for the reply.
+                // asynchronous items (acks, publishes) go out at once; the
+                // next request, nowait or not, waits for the reply.
                 let idx = match inner.rpcs.front() {
                     Some(front) if front.sent => 1,
                     Some(_) => 0,
@@ -574,7 +592,7 @@ impl Channel {
                     return;
                 };
                 let is_request = !item.replies.is_empty();
-                if is_request && idx == 1 {
+                if idx == 1 && !item.asynchronous {
                     return;
                 }
                 item.sent = true;
@@ -1198,6 +1216,7 @@ impl Channel {
                 replies: &[],
                 callback: None,
                 sent: false,
+                asynchronous: true,
             });
             self.pump_rpcs();
         } else {
@@ -1219,7 +1238,7 @@ impl Channel {
         self.ensure_open(what)?;
         let queued = self.shared.inner.borrow().rpcs.iter().any(|r| !r.sent);
         if queued {
-            self.enqueue(method, None, false)
+            self.enqueue_item(method, None, false, true)
         } else {
             self.send_method(method)
         }
