@@ -1791,8 +1791,10 @@ impl SelectConnection {
     // ------------------------------------------------------------------
 
     /// Opens a channel: the lowest free number when `channel_number` is
-    /// `None`. `on_open` receives the open [`Channel`], or the error that
-    /// prevented it (exactly once).
+    /// `None`. Returns the channel at once, in state OPENING (as pika's
+    /// `connection.channel()` does: it can be closed before it opens);
+    /// `on_open` receives it once open, or the error that prevented it
+    /// (exactly once).
     ///
     /// # Errors
     /// [`Error::ConnectionWrongState`] when the connection is not open,
@@ -1804,7 +1806,7 @@ impl SelectConnection {
         &self,
         channel_number: Option<u16>,
         on_open: impl FnOnce(Result<Channel, Error>) + 'static,
-    ) -> Result<(), Error> {
+    ) -> Result<Channel, Error> {
         let channel = {
             let mut st = self.shared.state.borrow_mut();
             if st.phase != ConnectionState::Open {
@@ -1855,7 +1857,7 @@ impl SelectConnection {
             self.run(deferred);
             return Err(e);
         }
-        Ok(())
+        Ok(channel)
     }
 
     /// Frees a channel number (after its CloseOk, or when the broker's

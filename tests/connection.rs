@@ -551,3 +551,41 @@ fn outbound_buffer_is_visible_and_drained_callback_fires_below_low_water() {
         [Error::ConnectionClosedByClient { .. }]
     ));
 }
+
+#[test]
+fn channel_returns_an_opening_handle_that_can_be_closed_before_it_opens() {
+    let result = Rc::new(RefCell::new(None));
+    let closed = Rc::new(RefCell::new(None));
+    let (r, c) = (result.clone(), closed.clone());
+    let (conn, outcome) = connect(broker_params(), move |conn| {
+        let ch = conn
+            .channel(None, move |res| {
+                *r.borrow_mut() = Some(res.map(|ch| ch.channel_number()))
+            })
+            .unwrap();
+        assert!(ch.is_opening());
+        assert_eq!(ch.channel_number(), 1);
+        ch.add_on_close_callback(move |ch, reason| {
+            *c.borrow_mut() = Some(reason);
+            ch.connection().unwrap().close(200, "done").unwrap();
+        });
+        ch.close(200, "changed my mind").unwrap();
+        assert!(ch.is_closing());
+    });
+    run_loop(conn.ioloop(), LIMIT);
+    assert!(
+        matches!(
+            result.borrow_mut().take(),
+            Some(Err(Error::ChannelClosedByClient {
+                reply_code: 200,
+                ..
+            }))
+        ),
+        "the OpenOk is suppressed: the open callback gets the close"
+    );
+    assert!(matches!(
+        closed.borrow_mut().take(),
+        Some(Error::ChannelClosedByClient { .. })
+    ));
+    assert_eq!(outcome.closes.borrow().len(), 1);
+}
