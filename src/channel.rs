@@ -708,14 +708,10 @@ impl Channel {
         arguments: FieldTable,
         callback: impl FnOnce(&Channel, Result<exchange::BindOk, Error>) + 'static,
     ) -> Result<(), Error> {
-        let m = exchange::Bind {
-            destination: destination.into(),
-            source: source.into(),
-            routing_key: routing_key.into(),
-            arguments,
-            ..Default::default()
-        };
-        self.rpc(m.into(), callback)
+        self.rpc(
+            exchange_bind(destination, source, routing_key, arguments, false),
+            callback,
+        )
     }
 
     /// [`Channel::exchange_bind`] with `nowait`.
@@ -729,15 +725,13 @@ impl Channel {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<(), Error> {
-        let m = exchange::Bind {
-            destination: destination.into(),
-            source: source.into(),
-            routing_key: routing_key.into(),
+        self.nowait(exchange_bind(
+            destination,
+            source,
+            routing_key,
             arguments,
-            nowait: true,
-            ..Default::default()
-        };
-        self.nowait(m.into())
+            true,
+        ))
     }
 
     /// Removes an exchange-to-exchange binding.
@@ -752,14 +746,10 @@ impl Channel {
         arguments: FieldTable,
         callback: impl FnOnce(&Channel, Result<exchange::UnbindOk, Error>) + 'static,
     ) -> Result<(), Error> {
-        let m = exchange::Unbind {
-            destination: destination.into(),
-            source: source.into(),
-            routing_key: routing_key.into(),
-            arguments,
-            ..Default::default()
-        };
-        self.rpc(m.into(), callback)
+        self.rpc(
+            exchange_unbind(destination, source, routing_key, arguments, false),
+            callback,
+        )
     }
 
     /// [`Channel::exchange_unbind`] with `nowait`.
@@ -773,15 +763,13 @@ impl Channel {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<(), Error> {
-        let m = exchange::Unbind {
-            destination: destination.into(),
-            source: source.into(),
-            routing_key: routing_key.into(),
+        self.nowait(exchange_unbind(
+            destination,
+            source,
+            routing_key,
             arguments,
-            nowait: true,
-            ..Default::default()
-        };
-        self.nowait(m.into())
+            true,
+        ))
     }
 
     // ------------------------------------------------------------------
@@ -828,14 +816,10 @@ impl Channel {
         arguments: FieldTable,
         callback: impl FnOnce(&Channel, Result<queue::BindOk, Error>) + 'static,
     ) -> Result<(), Error> {
-        let m = queue::Bind {
-            queue: queue.into(),
-            exchange: exchange.into(),
-            routing_key: routing_key.into(),
-            arguments,
-            ..Default::default()
-        };
-        self.rpc(m.into(), callback)
+        self.rpc(
+            queue_bind(queue, exchange, routing_key, arguments, false),
+            callback,
+        )
     }
 
     /// [`Channel::queue_bind`] with `nowait`.
@@ -849,15 +833,7 @@ impl Channel {
         routing_key: &str,
         arguments: FieldTable,
     ) -> Result<(), Error> {
-        let m = queue::Bind {
-            queue: queue.into(),
-            exchange: exchange.into(),
-            routing_key: routing_key.into(),
-            arguments,
-            nowait: true,
-            ..Default::default()
-        };
-        self.nowait(m.into())
+        self.nowait(queue_bind(queue, exchange, routing_key, arguments, true))
     }
 
     /// Removes a queue binding (the protocol has no nowait form).
@@ -2038,6 +2014,60 @@ fn exchange_declare(
         internal: o.internal,
         nowait,
         arguments,
+        ..Default::default()
+    }
+    .into()
+}
+
+fn exchange_bind(
+    destination: &str,
+    source: &str,
+    routing_key: &str,
+    arguments: FieldTable,
+    nowait: bool,
+) -> Method {
+    exchange::Bind {
+        destination: destination.into(),
+        source: source.into(),
+        routing_key: routing_key.into(),
+        arguments,
+        nowait,
+        ..Default::default()
+    }
+    .into()
+}
+
+fn exchange_unbind(
+    destination: &str,
+    source: &str,
+    routing_key: &str,
+    arguments: FieldTable,
+    nowait: bool,
+) -> Method {
+    exchange::Unbind {
+        destination: destination.into(),
+        source: source.into(),
+        routing_key: routing_key.into(),
+        arguments,
+        nowait,
+        ..Default::default()
+    }
+    .into()
+}
+
+fn queue_bind(
+    queue: &str,
+    exchange: &str,
+    routing_key: &str,
+    arguments: FieldTable,
+    nowait: bool,
+) -> Method {
+    queue::Bind {
+        queue: queue.into(),
+        exchange: exchange.into(),
+        routing_key: routing_key.into(),
+        arguments,
+        nowait,
         ..Default::default()
     }
     .into()
