@@ -53,7 +53,7 @@ pub use channel::{
 pub use connection::{ConnectionHandle, ConnectionState, SelectConnection};
 pub use credentials::{Credentials, ExternalCredentials, PlainCredentials};
 pub use error::{CodecError, Error};
-pub use ioloop::IoLoop;
+pub use ioloop::{HandlerId, Interest, IoLoop, IoLoopWaker, Readiness, TimeoutId};
 pub use parameters::{ConnectionParameters, Heartbeat, TcpOptions, UrlParameters};
 pub use spec::BasicProperties;
 pub use table::{Decimal, FieldTable, FieldValue, LongString};
