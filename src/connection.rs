@@ -129,6 +129,9 @@ struct Session {
     /// Tells this attempt's session from a later one's.
     generation: u64,
     stream: Rc<TcpStream>,
+    /// The TLS session when the connection uses TLS: plaintext frames go
+    /// through it on their way to and from `stream`.
+    tls: Option<rustls::ClientConnection>,
     handler: Option<HandlerId>,
     address: SocketAddr,
     connected: bool,
@@ -146,6 +149,128 @@ struct Session {
     stack_timer: Option<TimeoutId>,
     heartbeat_send_timer: Option<TimeoutId>,
     heartbeat_recv_timer: Option<TimeoutId>,
+}
+
+/// A TLS failure carried inside an `io::Error` through the transport.
+#[derive(Debug)]
+struct TlsFailure(rustls::Error);
+
+impl fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for TlsFailure {}
+
+impl Session {
+    /// Whether bytes wait to go out (frames, or TLS records).
+    fn wants_write(&self) -> bool {
+        !self.outbound.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Writes as much of the outbound buffer as the socket takes, through
+    /// TLS when on. Returns whether anything reached the socket.
+    fn write_out(&mut self) -> io::Result<bool> {
+        let mut consumed = 0;
+        let mut wrote = false;
+        let result = loop {
+            match &mut self.tls {
+                None => {
+                    if consumed == self.outbound.len() {
+                        break Ok(());
+                    }
+                    match (&*self.stream).write(&self.outbound[consumed..]) {
+                        Ok(0) => {
+                            break Err(io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                "socket took 0 bytes",
+                            ));
+                        }
+                        Ok(n) => {
+                            consumed += n;
+                            wrote = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+                Some(tls) => {
+                    if consumed < self.outbound.len() {
+                        match tls.writer().write(&self.outbound[consumed..]) {
+                            Ok(n) => consumed += n,
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    if !tls.wants_write() {
+                        break Ok(());
+                    }
+                    match tls.write_tls(&mut &*self.stream) {
+                        Ok(0) => {
+                            break Err(io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                "socket took 0 bytes",
+                            ));
+                        }
+                        Ok(_) => wrote = true,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+            }
+        };
+        if consumed > 0 {
+            self.outbound.drain(..consumed);
+        }
+        if wrote {
+            self.last_sent = Instant::now();
+        }
+        result.map(|()| wrote)
+    }
+
+    /// Reads received bytes (decrypted, with TLS) into the read buffer
+    /// after `inbound_end`. `Ok(0)` is the end of the stream.
+    fn read_in(&mut self) -> io::Result<usize> {
+        let end = self.inbound_end;
+        let n = match &mut self.tls {
+            None => (&*self.stream).read(&mut self.inbound[end..])?,
+            Some(tls) => loop {
+                match tls.reader().read(&mut self.inbound[end..]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // The peer closed without close_notify: the end.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break 0,
+                    Err(e) => return Err(e),
+                }
+                match tls.read_tls(&mut &*self.stream) {
+                    Ok(0) => break 0,
+                    Ok(_) => {
+                        self.last_received = Instant::now();
+                        if let Err(e) = tls.process_new_packets() {
+                            // Let the alert that says why reach the peer.
+                            let _ = tls.write_tls(&mut &*self.stream);
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, TlsFailure(e)));
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            },
+        };
+        self.inbound_end += n;
+        if n > 0 {
+            self.last_received = Instant::now();
+        }
+        Ok(n)
+    }
+}
+
+/// The TLS error inside an I/O error from the transport, if it is one.
+fn tls_failure(e: &io::Error) -> Option<String> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<TlsFailure>())
+        .map(|t| t.0.to_string())
 }
 
 /// Which set, address and round the connect workflow is at.
@@ -807,6 +932,7 @@ impl SelectConnection {
         st.session = Some(Session {
             generation,
             stream,
+            tls: None,
             handler: Some(handler),
             address: addr,
             connected: false,
@@ -881,6 +1007,10 @@ impl SelectConnection {
         {
             lp.remove_timeout(t);
         }
+        if let Some(tls) = session.tls.as_mut() {
+            tls.send_close_notify();
+            let _ = tls.write_tls(&mut &*session.stream);
+        }
         let _ = session.stream.shutdown(std::net::Shutdown::Both);
     }
 
@@ -925,7 +1055,7 @@ impl SelectConnection {
             .borrow()
             .session
             .as_ref()
-            .is_some_and(|s| s.connected && !s.outbound.is_empty());
+            .is_some_and(|s| s.connected && s.wants_write());
         if pending {
             self.flush();
         }
@@ -952,12 +1082,28 @@ impl SelectConnection {
                 self.next_attempt();
             }
             Ok(()) => {
+                let tls = {
+                    let st = self.shared.state.borrow();
+                    st.params
+                        .ssl_options()
+                        .map(|opts| opts.session(st.params.host()))
+                        .transpose()
+                };
+                let tls = match tls {
+                    Ok(tls) => tls,
+                    Err(e) => {
+                        self.attempt_failed(e);
+                        self.next_attempt();
+                        return;
+                    }
+                };
                 {
                     let mut st = self.shared.state.borrow_mut();
                     st.phase = ConnectionState::Protocol;
                     let lp = self.shared.ioloop.clone();
                     if let Some(s) = st.session.as_mut() {
                         s.connected = true;
+                        s.tls = tls;
                         if let Some(t) = s.socket_timer.take() {
                             lp.remove_timeout(t);
                         }
@@ -977,7 +1123,7 @@ impl SelectConnection {
         let mut st = self.shared.state.borrow_mut();
         let Some(s) = st.session.as_mut() else { return };
         let Some(h) = s.handler else { return };
-        let want = !s.outbound.is_empty();
+        let want = s.wants_write();
         if want && s.connected && self.shared.in_socket_event.get() {
             return; // written at the end of the socket event
         }
@@ -1010,16 +1156,7 @@ impl SelectConnection {
                         s.inbound.resize(grown, 0);
                     }
                 }
-                let stream = s.stream.clone();
-                let end = s.inbound_end;
-                let r = (&*stream).read(&mut s.inbound[end..]);
-                if let Ok(n) = r {
-                    s.inbound_end += n;
-                    if n > 0 {
-                        s.last_received = Instant::now();
-                    }
-                }
-                r
+                s.read_in()
             };
             match result {
                 Ok(0) => {
@@ -1035,7 +1172,10 @@ impl SelectConnection {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.on_stream_end(Some(e));
+                    match tls_failure(&e) {
+                        Some(reason) => self.tls_failed(reason),
+                        None => self.on_stream_end(Some(e)),
+                    }
                     return;
                 }
             }
@@ -1133,6 +1273,19 @@ impl SelectConnection {
                 self.terminate(reason.unwrap_or_else(|| Error::stream_lost(detail, error)));
             }
             ConnectionState::Closed => {}
+        }
+    }
+
+    /// TLS failed (a refused certificate, an alert from the peer, a peer
+    /// that does not speak TLS): the attempt fails while opening; an open
+    /// connection ends with the error.
+    fn tls_failed(&self, reason: String) {
+        let error = Error::Tls { reason };
+        if self.state().is_opening() {
+            self.attempt_failed(error);
+            self.next_attempt();
+        } else {
+            self.terminate(error);
         }
     }
 
@@ -1711,15 +1864,9 @@ impl SelectConnection {
         if self.send_on(0, method).is_err() {
             return;
         }
-        let st = self.shared.state.borrow();
-        if let Some(s) = st.session.as_ref().filter(|s| s.connected) {
-            let mut rest = &s.outbound[..];
-            while !rest.is_empty() {
-                match (&*s.stream).write(rest) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => rest = &rest[n..],
-                }
-            }
+        let mut st = self.shared.state.borrow_mut();
+        if let Some(s) = st.session.as_mut().filter(|s| s.connected) {
+            let _ = s.write_out();
         }
     }
 
@@ -1732,30 +1879,7 @@ impl SelectConnection {
             if !s.connected {
                 return;
             }
-            let mut written = 0;
-            let mut result = Ok(());
-            while written < s.outbound.len() {
-                match (&*s.stream).write(&s.outbound[written..]) {
-                    Ok(0) => {
-                        result = Err(io::Error::new(
-                            io::ErrorKind::WriteZero,
-                            "socket took 0 bytes",
-                        ));
-                        break;
-                    }
-                    Ok(n) => written += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                }
-            }
-            if written > 0 {
-                s.outbound.drain(..written);
-                s.last_sent = Instant::now();
-            }
+            let result = s.write_out().map(|_| ());
             let remaining = s.outbound.len();
             let drained = st.above_high_water && remaining < low;
             if drained {
@@ -1765,6 +1889,10 @@ impl SelectConnection {
         };
         self.set_interest();
         if let Err(e) = result {
+            if let Some(reason) = tls_failure(&e) {
+                self.tls_failed(reason);
+                return;
+            }
             let phase = self.state();
             if phase.is_opening() {
                 self.attempt_failed(Error::stream_lost(format!("write failed: {e}"), Some(e)));

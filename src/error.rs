@@ -386,6 +386,15 @@ pub enum Error {
         /// The I/O error, when there was one.
         source: Option<Arc<io::Error>>,
     },
+    /// TLS failed: a certificate the client refused (unknown CA, expired,
+    /// another name), a client certificate the broker refused or did not
+    /// get, a peer that does not speak TLS, or TLS settings that cannot be
+    /// loaded.
+    #[error("TLS error: {reason}")]
+    Tls {
+        /// What went wrong.
+        reason: String,
+    },
     /// The broker sent bytes that are not valid AMQP (pika's
     /// `InvalidFrameError` / `ProtocolSyntaxError`); the connection is
     /// closed with [`CodecError::reply_code`].
@@ -497,6 +506,7 @@ impl Error {
                 | Error::AmqpHeartbeatTimeout { .. }
                 | Error::ConnectionBlockedTimeout { .. }
                 | Error::StreamLost { .. }
+                | Error::Tls { .. }
                 | Error::Protocol(_)
                 | Error::UnexpectedFrame { .. }
                 | Error::NoFreeChannels { .. }

@@ -44,6 +44,7 @@ pub mod parameters;
 mod pyliteral;
 pub mod spec;
 pub mod table;
+pub mod tls;
 mod wire;
 
 pub use channel::{
@@ -57,6 +58,7 @@ pub use ioloop::{HandlerId, Interest, IoLoop, IoLoopWaker, Readiness, TimeoutId}
 pub use parameters::{ConnectionParameters, Heartbeat, TcpOptions, UrlParameters};
 pub use spec::BasicProperties;
 pub use table::{Decimal, FieldTable, FieldValue, LongString};
+pub use tls::SslOptions;
 
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -39,6 +39,7 @@ use crate::credentials::{Credentials, PlainCredentials, REDACTED};
 use crate::error::Error;
 use crate::pyliteral;
 use crate::table::{FieldTable, FieldValue};
+use crate::tls::SslOptions;
 
 /// The heartbeat timeout to ask for in `Connection.TuneOk` (pika's
 /// `heartbeat` parameter).
@@ -395,6 +396,9 @@ pub struct ConnectionParameters {
     blocked_connection_timeout: Option<Duration>,
     client_properties: FieldTable,
     tcp_options: Option<TcpOptions>,
+    /// Whether `port` was set explicitly (otherwise it follows TLS).
+    port_set: bool,
+    ssl_options: Option<SslOptions>,
 }
 
 impl ConnectionParameters {
@@ -402,7 +406,7 @@ impl ConnectionParameters {
     pub const DEFAULT_HOST: &'static str = "localhost";
     /// Default AMQP port.
     pub const DEFAULT_PORT: u16 = 5672;
-    /// Default AMQPS port, for when TLS is supported.
+    /// Default AMQPS port (TLS).
     pub const DEFAULT_SSL_PORT: u16 = 5671;
     /// Default virtual host.
     pub const DEFAULT_VIRTUAL_HOST: &'static str = "/";
@@ -451,6 +455,8 @@ impl ConnectionParameters {
             blocked_connection_timeout: None,
             client_properties: FieldTable::new(),
             tcp_options: None,
+            port_set: false,
+            ssl_options: None,
         }
     }
 
@@ -461,10 +467,26 @@ impl ConnectionParameters {
         &self.host
     }
 
-    /// The broker's port (default 5672; once TLS is supported, the default
-    /// with TLS on will be 5671).
+    /// The broker's port: the one set, or 5671 with TLS on and 5672
+    /// without.
     pub fn port(&self) -> u16 {
-        self.port
+        match (self.port_set, &self.ssl_options) {
+            (true, _) => self.port,
+            (false, Some(_)) => Self::DEFAULT_SSL_PORT,
+            (false, None) => Self::DEFAULT_PORT,
+        }
+    }
+
+    /// The TLS settings, when the connection uses TLS.
+    pub fn ssl_options(&self) -> Option<&SslOptions> {
+        self.ssl_options.as_ref()
+    }
+
+    /// Turns TLS on (`Some`) or off. Unless a port was set, the default
+    /// port follows: 5671 with TLS, 5672 without.
+    pub fn set_ssl_options(&mut self, ssl_options: Option<SslOptions>) -> &mut Self {
+        self.ssl_options = ssl_options;
+        self
     }
 
     /// The virtual host (default `/`).
@@ -582,6 +604,7 @@ impl ConnectionParameters {
     /// [`Error::InvalidParameter`] (`port`) for port 0.
     pub fn set_port(&mut self, port: u16) -> Result<&mut Self, Error> {
         self.port = validate_range("port", port.into(), 1, 65535)? as u16;
+        self.port_set = true;
         Ok(self)
     }
 
@@ -766,7 +789,7 @@ impl fmt::Debug for ConnectionParameters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectionParameters")
             .field("host", &self.host)
-            .field("port", &self.port)
+            .field("port", &self.port())
             .field("virtual_host", &self.virtual_host)
             .field("credentials", &self.credentials)
             .field("channel_max", &self.channel_max)
@@ -783,6 +806,7 @@ impl fmt::Debug for ConnectionParameters {
             )
             .field("client_properties", &self.client_properties)
             .field("tcp_options", &self.tcp_options)
+            .field("ssl_options", &self.ssl_options)
             .finish()
     }
 }
@@ -850,8 +874,10 @@ fn validate_short_string(name: &'static str, s: String) -> Result<String, Error>
 ///
 /// `amqp://username:password@host:port/virtual_host?option=value&...`
 ///
-/// * The scheme is `amqp`. `amqps` (TLS) is refused with
-///   [`Error::InvalidUrl`] until TLS is supported; any other scheme too.
+/// * The scheme is `amqp`, or `amqps` for TLS (port 5671 by default,
+///   verifying the broker against the bundled Mozilla roots unless
+///   `ssl_options` says otherwise); any other scheme is an
+///   [`Error::InvalidUrl`].
 /// * Username, password and virtual host are percent-decoded (`%2F` is
 ///   `/`). With no `user:password@`, the credentials are `guest`/`guest`;
 ///   `user@` alone gives an empty password.
@@ -882,7 +908,7 @@ fn validate_short_string(name: &'static str, s: String) -> Result<String, Error>
 /// | `socket_timeout` | seconds, int or float, > 0 |
 /// | `stack_timeout` | seconds, int or float, > 0 |
 /// | `tcp_options` | URL-encoded dict literal with keys `TCP_KEEPIDLE`, `TCP_KEEPINTVL` (seconds), `TCP_KEEPCNT`, `TCP_USER_TIMEOUT` (milliseconds), or `None` |
-/// | `ssl_options` | refused until TLS is supported |
+/// | `ssl_options` | amqps only: a dict with `ca_certs`, `certfile`, `keyfile` (PEM paths), `cert_reqs` (`CERT_REQUIRED` or `CERT_NONE`), `server_hostname`, `ssl_version` (ignored) |
 /// | `backpressure_detection` | `t` or `f`; accepted and ignored with a warning (removed in pika 1.0.0, still shown in its docs) |
 ///
 /// Dict values are Python literals as `urllib.urlencode` writes them
@@ -926,10 +952,11 @@ impl UrlParameters {
     ///
     /// # Errors
     /// [`Error::InvalidUrl`] when the URL does not parse, its scheme is not
-    /// `amqp` (`amqps` until TLS is supported), a percent-escape is
-    /// malformed, the path has more than one segment, it has a fragment, a
-    /// query option is unknown, repeated, empty or has a malformed or
-    /// out-of-range value, or `ssl_options` is given. The reason names the
+    /// `amqp` or `amqps`, a percent-escape is malformed, the path has more
+    /// than one segment, it has a fragment, a query option is unknown,
+    /// repeated, empty or has a malformed or out-of-range value, or
+    /// `ssl_options` is given without amqps or names files that cannot be
+    /// loaded. The reason names the
     /// part or option and the bad value, never the password.
     pub fn parse(url: &str) -> Result<UrlParameters, Error> {
         let parsed = Url::parse(url).map_err(|e| match e {
@@ -940,7 +967,7 @@ impl UrlParameters {
         })?;
         match parsed.scheme() {
             "amqp" => {}
-            "amqps" => return Err(tls_not_supported("scheme amqps")),
+            "amqps" => {}
             other => {
                 return Err(bad_url(format!(
                     "unsupported scheme '{other}': expected amqp"
@@ -959,6 +986,9 @@ impl UrlParameters {
         }
 
         let mut params = ConnectionParameters::new();
+        if parsed.scheme() == "amqps" {
+            params.set_ssl_options(Some(SslOptions::with_webpki_roots()));
+        }
 
         let host = match parsed.host() {
             None => ConnectionParameters::DEFAULT_HOST.to_owned(),
@@ -1073,7 +1103,7 @@ impl fmt::Debug for UrlParameters {
 /// The query options `UrlParameters` accepts, listed in errors.
 const QUERY_OPTIONS: &str = "blocked_connection_timeout, channel_max, client_properties, \
     connection_attempts, frame_max, heartbeat, locale, retry_delay, socket_timeout, \
-    stack_timeout, tcp_options (ssl_options once TLS is supported)";
+    stack_timeout, ssl_options, tcp_options";
 
 fn bad_url(reason: impl Into<String>) -> Error {
     Error::InvalidUrl {
@@ -1081,13 +1111,68 @@ fn bad_url(reason: impl Into<String>) -> Error {
     }
 }
 
-/// TLS: the one place that refuses it. When TLS lands, accept `amqps` here
-/// (default port [`ConnectionParameters::DEFAULT_SSL_PORT`]) and parse
-/// `ssl_options` instead of calling this.
-fn tls_not_supported(what: &str) -> Error {
-    bad_url(format!(
-        "{what}: TLS (amqps://) is not supported yet in this release"
-    ))
+/// Builds [`SslOptions`] from the `ssl_options` dict of an amqps URL: keys
+/// `ca_certs`, `certfile`, `keyfile`, `cert_reqs` (`CERT_REQUIRED`, the
+/// default, or `CERT_NONE`), `server_hostname`, and `ssl_version` (accepted
+/// and ignored: rustls negotiates TLS 1.2 or 1.3).
+fn ssl_options_from_table(table: &FieldTable) -> Result<SslOptions, Error> {
+    let text = |key: &str| -> Result<Option<String>, Error> {
+        match table.get(key) {
+            None | Some(crate::table::FieldValue::Void) => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(|s| Some(s.to_string()))
+                .ok_or_else(|| Error::Tls {
+                    reason: format!("{key} must be a string, got {}", pyliteral::kind(v)),
+                }),
+        }
+    };
+    for (key, _) in table.iter() {
+        if !matches!(
+            key,
+            "ca_certs" | "certfile" | "keyfile" | "cert_reqs" | "server_hostname" | "ssl_version"
+        ) {
+            return Err(Error::Tls {
+                reason: format!(
+                    "unknown key '{key}' (known: ca_certs, certfile, keyfile, cert_reqs, \
+                     server_hostname, ssl_version)"
+                ),
+            });
+        }
+    }
+    if let Some(v) = text("ssl_version")? {
+        log::warn!("ignoring ssl_options ssl_version={v}: rustls negotiates TLS 1.2 or 1.3");
+    }
+    let verify = match text("cert_reqs")?.as_deref() {
+        None | Some("CERT_REQUIRED") | Some("ssl.CERT_REQUIRED") => true,
+        Some("CERT_NONE") | Some("ssl.CERT_NONE") => false,
+        Some(other) => {
+            return Err(Error::Tls {
+                reason: format!("cert_reqs must be CERT_REQUIRED or CERT_NONE, got {other:?}"),
+            });
+        }
+    };
+    let ca = text("ca_certs")?;
+    let cert = text("certfile")?;
+    let key = text("keyfile")?;
+    let client = match (&cert, &key) {
+        (Some(c), Some(k)) => Some((std::path::Path::new(c), std::path::Path::new(k))),
+        (None, None) => None,
+        _ => {
+            return Err(Error::Tls {
+                reason: "certfile and keyfile go together".into(),
+            });
+        }
+    };
+    let opts = if verify {
+        SslOptions::from_pem_files(ca.as_deref().map(std::path::Path::new), client)?
+    } else {
+        SslOptions::without_verification(client)?
+    };
+    Ok(match text("server_hostname")? {
+        Some(name) => opts.with_server_hostname(name),
+        None => opts,
+    })
 }
 
 /// Turns a setter's `InvalidParameter` into an `InvalidUrl` naming the part.
@@ -1248,7 +1333,22 @@ fn apply_query_option(
             let t = parse_seconds(raw).map_err(option_err)?;
             params.set_stack_timeout(t).map_err(setter_err)?;
         }
-        "ssl_options" => return Err(tls_not_supported("query option ssl_options")),
+        "ssl_options" => {
+            if params.ssl_options().is_none() {
+                return Err(option_err(
+                    "needs the amqps:// scheme (TLS); with amqp:// the connection is plain".into(),
+                ));
+            }
+            let table = pyliteral::parse_dict(raw)
+                .map_err(|e| option_err(format!("{e} in {}", shown(raw))))?;
+            if let Some(table) = table {
+                let opts = ssl_options_from_table(&table).map_err(|e| match e {
+                    Error::Tls { reason } => option_err(reason),
+                    other => other,
+                })?;
+                params.set_ssl_options(Some(opts));
+            }
+        }
         "tcp_options" => {
             let table = pyliteral::parse_dict(raw)
                 .map_err(|e| option_err(format!("{e} in {}", shown(raw))))?;
@@ -1896,7 +1996,7 @@ mod tests {
             format!("amqp://u:{SECRET}%zz@h/"),
             format!("amqp://u:{SECRET}%ff@h/"),
             format!("amqp://u:{SECRET}@h/#frag"),
-            format!("amqps://u:{SECRET}@h/"),
+            format!("amqps://u:{SECRET}@h/?ssl_options=%7B%27bogus%27%3A1%7D"),
             format!("http://u:{SECRET}@h/"),
             format!("amqp://u:{SECRET}@h:99999/"),
         ] {
@@ -1939,29 +2039,49 @@ mod tests {
     }
 
     #[test]
-    fn seed_amqps_urls_are_refused_until_tls_is_supported() {
+    fn seed_amqps_urls_turn_tls_on_with_port_5671() {
         for text in [
             "amqps://www-data:rabbit_pwd@rabbit1/web_messages",
             "amqps://www-data:rabbit_pwd@rabbit1/web_messages?heartbeat=30",
         ] {
-            let e = url_err(text);
-            assert!(
-                e.contains("TLS (amqps://)") && e.contains("not supported yet"),
-                "{e}"
-            );
+            let u = url(text);
+            assert_eq!(u.port(), 5671, "{text}");
+            let tls = u.ssl_options().expect("TLS is on");
+            assert!(tls.verifies_peer());
+            assert_eq!(tls.server_hostname(), None);
         }
+        assert_eq!(url("amqps://h:5999/").port(), 5999);
+        assert_eq!(url("amqp://h/").ssl_options().map(|_| ()), None);
     }
 
     #[test]
-    fn seed_ssl_options_url_is_refused_until_tls_is_supported() {
+    fn ssl_options_need_the_amqps_scheme() {
+        // The seed's example pairs ssl_options with amqp://; like pika 1.x,
+        // TLS options without the amqps scheme are refused.
         let e = url_err(
             "amqp://www-data:rabbit_pwd@rabbit1/web_messages?heartbeat=30&ssl_options=%7B%27keyfile\
              %27%3A+%27%2Fetc%2Fssl%2Fmykey.pem%27%2C%27certfile%27%3A+%27%2Fetc%2Fssl%2Fmycert.pem%27%7D",
         );
-        assert!(
-            e.contains("ssl_options") && e.contains("not supported yet"),
-            "{e}"
+        assert!(e.contains("ssl_options") && e.contains("amqps"), "{e}");
+    }
+
+    #[test]
+    fn ssl_options_keys_are_checked_and_files_named_in_errors() {
+        let e = url_err("amqps://h/?ssl_options=%7B%27bogus%27%3A+1%7D");
+        assert!(e.contains("unknown key 'bogus'"), "{e}");
+        let e = url_err("amqps://h/?ssl_options=%7B%27ca_certs%27%3A+%27%2Fno%2Fsuch.pem%27%7D");
+        assert!(e.contains("ca_certs /no/such.pem"), "{e}");
+        let e = url_err("amqps://h/?ssl_options=%7B%27certfile%27%3A+%27%2Fx.pem%27%7D");
+        assert!(e.contains("certfile and keyfile go together"), "{e}");
+        let e = url_err("amqps://h/?ssl_options=%7B%27cert_reqs%27%3A+%27MAYBE%27%7D");
+        assert!(e.contains("cert_reqs"), "{e}");
+        // JSON works too; CERT_NONE turns verification off; server_hostname.
+        let u = url(
+            "amqps://h/?ssl_options=%7B%22cert_reqs%22%3A%22CERT_NONE%22%2C%22server_hostname%22%3A%22rabbit.example%22%7D",
         );
+        let tls = u.ssl_options().unwrap();
+        assert!(!tls.verifies_peer());
+        assert_eq!(tls.server_hostname(), Some("rabbit.example"));
     }
 
     #[test]

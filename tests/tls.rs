@@ -1,0 +1,295 @@
+//! TLS with rustls against the broker's TLS listener (started by
+//! `scripts/with-broker` with a throwaway CA, a server certificate for
+//! localhost and 127.0.0.1, and a client certificate for `guest`; the
+//! listener requires a client certificate): round trips up to 16 MiB,
+//! mutual TLS with PLAIN and EXTERNAL, and every way the handshake can be
+//! refused.
+
+mod common;
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use common::{broker_params, rabbitmqctl, run_loop};
+use pika::{
+    BasicConsumeOptions, BasicProperties, ConnectionParameters, Error, ExternalCredentials,
+    FieldTable, QueueDeclareOptions, SelectConnection, SslOptions, UrlParameters,
+};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the tests through `scripts/with-broker`, which starts a \
+             RabbitMQ with a TLS listener and exports AMQPS_URL, AMQPS_PORT, AMQP_TLS_CA, \
+             AMQP_TLS_CLIENT_CERT and AMQP_TLS_CLIENT_KEY"
+        )
+    })
+}
+
+fn path(name: &str) -> PathBuf {
+    PathBuf::from(env(name))
+}
+
+fn mutual_tls() -> SslOptions {
+    SslOptions::from_pem_files(
+        Some(&path("AMQP_TLS_CA")),
+        Some((&path("AMQP_TLS_CLIENT_CERT"), &path("AMQP_TLS_CLIENT_KEY"))),
+    )
+    .expect("the test certificates load")
+}
+
+fn tls_params(ssl: SslOptions) -> ConnectionParameters {
+    let mut params: ConnectionParameters = UrlParameters::parse(&env("AMQPS_URL"))
+        .expect("AMQPS_URL parses")
+        .into();
+    params.set_ssl_options(Some(ssl));
+    params
+        .set_socket_timeout(Duration::from_secs(3))
+        .unwrap()
+        .set_stack_timeout(Duration::from_secs(5))
+        .unwrap();
+    params
+}
+
+/// Connects; `on_open` runs when open; returns the terminal errors
+/// (on_open_error or on_close).
+fn run(
+    params: ConnectionParameters,
+    on_open: impl FnOnce(&SelectConnection) + 'static,
+) -> Vec<Error> {
+    let terminal = Rc::new(RefCell::new(Vec::new()));
+    let (t1, t2) = (terminal.clone(), terminal.clone());
+    let conn = SelectConnection::new(
+        params,
+        on_open,
+        move |conn, e| {
+            t1.borrow_mut().push(e);
+            conn.ioloop().stop();
+        },
+        move |conn, e| {
+            t2.borrow_mut().push(e);
+            conn.ioloop().stop();
+        },
+    )
+    .unwrap();
+    run_loop(conn.ioloop(), LIMIT);
+    terminal.take()
+}
+
+fn expect_tls_open_error(errors: &[Error], needle: &str) {
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    match &errors[0] {
+        Error::Tls { reason } => assert!(reason.contains(needle), "{reason}"),
+        other => panic!("expected a TLS error containing {needle:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn publish_and_consume_over_tls_round_trip_bodies_up_to_16_mib() {
+    let sizes = [0usize, 1, 131_064, 1 << 20, 16 << 20];
+    let received = Rc::new(RefCell::new(Vec::<Vec<u8>>::new()));
+    let r = received.clone();
+    let terminal = run(tls_params(mutual_tls()), move |conn| {
+        let r = r.clone();
+        conn.channel(None, move |ch| {
+            let ch = ch.unwrap();
+            let opts = QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            };
+            ch.queue_declare("", opts, FieldTable::new(), move |ch, ok| {
+                let queue = ok.unwrap().queue;
+                for (i, size) in sizes.iter().enumerate() {
+                    let body: Vec<u8> = (0..*size).map(|b| (b * 7 + i) as u8).collect();
+                    ch.basic_publish("", &queue, &body, &BasicProperties::default(), false)
+                        .unwrap();
+                }
+                ch.basic_consume(
+                    &queue,
+                    move |ch, d| {
+                        r.borrow_mut().push(d.body);
+                        ch.basic_ack(d.method.delivery_tag, false).unwrap();
+                        if r.borrow().len() == sizes.len() {
+                            ch.connection().unwrap().close(200, "done").unwrap();
+                        }
+                    },
+                    BasicConsumeOptions::default(),
+                    |_, ok| {
+                        ok.unwrap();
+                    },
+                )
+                .unwrap();
+            })
+            .unwrap();
+        })
+        .unwrap();
+    });
+    assert!(
+        matches!(
+            terminal.as_slice(),
+            [Error::ConnectionClosedByClient {
+                reply_code: 200,
+                ..
+            }]
+        ),
+        "{terminal:?}"
+    );
+    let received = received.borrow();
+    assert_eq!(received.len(), sizes.len());
+    for (i, (body, size)) in received.iter().zip(sizes).enumerate() {
+        let expected: Vec<u8> = (0..size).map(|b| (b * 7 + i) as u8).collect();
+        assert!(*body == expected, "body {i} of {size} bytes differs");
+    }
+}
+
+/// The broker's view of our connection: auth mechanism, user, ssl.
+fn broker_view(conn: &SelectConnection) -> Vec<String> {
+    let port = conn.local_address().unwrap().port();
+    common::broker_connection_info(port, &["auth_mechanism", "user", "ssl"])
+        .expect("the broker lists our connection")
+}
+
+#[test]
+fn mutual_tls_logs_in_with_plain_and_with_external() {
+    let views = Rc::new(RefCell::new(Vec::new()));
+    for external in [false, true] {
+        let mut params = tls_params(mutual_tls());
+        if external {
+            params.set_credentials(ExternalCredentials::new());
+        }
+        let v = views.clone();
+        let terminal = run(params, move |conn| {
+            v.borrow_mut().push(broker_view(conn));
+            conn.close(200, "done").unwrap();
+        });
+        assert!(
+            matches!(
+                terminal.as_slice(),
+                [Error::ConnectionClosedByClient { .. }]
+            ),
+            "external={external}: {terminal:?}"
+        );
+    }
+    let views = views.borrow();
+    assert_eq!(views[0], ["PLAIN", "guest", "true"]);
+    assert_eq!(views[1], ["EXTERNAL", "guest", "true"]);
+}
+
+#[test]
+fn an_amqps_url_with_ssl_options_connects() {
+    let url = format!(
+        "{}?ssl_options={}",
+        env("AMQPS_URL"),
+        url_encode(&format!(
+            "{{'ca_certs': '{}', 'certfile': '{}', 'keyfile': '{}'}}",
+            env("AMQP_TLS_CA"),
+            env("AMQP_TLS_CLIENT_CERT"),
+            env("AMQP_TLS_CLIENT_KEY")
+        ))
+    );
+    let params = UrlParameters::parse(&url).expect("the URL parses");
+    assert_eq!(params.port(), env("AMQPS_PORT").parse::<u16>().unwrap());
+    let terminal = run(params.into(), |conn| conn.close(200, "done").unwrap());
+    assert!(
+        matches!(
+            terminal.as_slice(),
+            [Error::ConnectionClosedByClient { .. }]
+        ),
+        "{terminal:?}"
+    );
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn no_client_certificate_is_an_open_error() {
+    let ssl = SslOptions::from_pem_files(Some(&path("AMQP_TLS_CA")), None).unwrap();
+    let errors = run(tls_params(ssl), |_| panic!("must not open"));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    // The broker's alert (TLS 1.3: after our side of the handshake).
+    assert!(
+        matches!(&errors[0], Error::Tls { reason } if reason.contains("alert"))
+            || matches!(
+                &errors[0],
+                Error::IncompatibleProtocol { .. } | Error::StreamLost { .. }
+            ),
+        "{:?}",
+        errors[0]
+    );
+    assert!(errors[0].is_connection_error());
+}
+
+#[test]
+fn an_unknown_ca_is_refused_promptly() {
+    // The bundled Mozilla roots do not know the test CA.
+    let ssl = SslOptions::from_pem_files(
+        None,
+        Some((&path("AMQP_TLS_CLIENT_CERT"), &path("AMQP_TLS_CLIENT_KEY"))),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let errors = run(tls_params(ssl), |_| panic!("must not open"));
+    expect_tls_open_error(&errors, "UnknownIssuer");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_server_hostname_the_certificate_does_not_name_is_refused() {
+    let ssl = mutual_tls().with_server_hostname("not-the-broker.example");
+    let errors = run(tls_params(ssl), |_| panic!("must not open"));
+    expect_tls_open_error(&errors, "not valid for name \"not-the-broker.example\"");
+}
+
+#[test]
+fn a_plain_client_on_the_tls_port_fails_within_stack_timeout() {
+    let mut params = broker_params();
+    params
+        .set_port(env("AMQPS_PORT").parse().unwrap())
+        .unwrap()
+        .set_stack_timeout(Duration::from_secs(3))
+        .unwrap();
+    let started = Instant::now();
+    let errors = run(params, |_| panic!("must not open"));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].is_connection_error(), "{:?}", errors[0]);
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_tls_client_on_the_plain_port_fails_within_stack_timeout() {
+    let mut params = tls_params(mutual_tls());
+    params.set_port(broker_params().port()).unwrap();
+    let started = Instant::now();
+    let errors = run(params, |_| panic!("must not open"));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        matches!(&errors[0], Error::Tls { .. } | Error::StackTimeout { .. }),
+        "{:?}",
+        errors[0]
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let _ = rabbitmqctl;
+}
