@@ -52,6 +52,8 @@ pub const WORKLOADS: [&str; 5] = ["P1", "P2", "C1", "L1", "B1"];
 
 /// The n a workload runs with unless told otherwise.
 pub fn default_n(workload: &str) -> Option<u64> {
+    // A `T` suffix runs the same workload over TLS.
+    let workload = workload.strip_suffix('T').unwrap_or(workload);
     match workload {
         "P1" | "P2" | "C1" => Some(200_000),
         "L1" => Some(10_000),
@@ -357,7 +359,11 @@ impl Bench {
 /// queue, hands them to `workload` and runs the loop until the workload
 /// finishes (or the connection fails, or [`TIME_LIMIT`] passes).
 fn run_on_connection(url: &str, workload: impl FnOnce(Bench) + 'static) -> Result<Measured, Error> {
-    let params = UrlParameters::parse(url)?;
+    let params: pika::ConnectionParameters = if url.starts_with("amqps://") {
+        tls_params(url)?
+    } else {
+        UrlParameters::parse(url)?.into()
+    };
     let slot: ResultSlot = Rc::default();
     let (open_slot, error_slot, close_slot) = (slot.clone(), slot.clone(), slot.clone());
     let conn = SelectConnection::new(
@@ -856,6 +862,25 @@ fn big_messages(bench: Bench, n: u64) {
 /// a benchmark that could not complete (a nacked or missing message, the
 /// time limit); otherwise the connection's or channel's error.
 pub fn run_workload(name: &str, n: u64, url: &str) -> Result<Report, Error> {
+    let (base, tls_url);
+    let (name, url) = match name.strip_suffix('T') {
+        Some(plain) => {
+            base = plain;
+            tls_url = std::env::var("AMQPS_URL").map_err(|_| Error::InvalidParameter {
+                name: "AMQPS_URL",
+                reason: "TLS workloads need AMQPS_URL and AMQP_TLS_CA, AMQP_TLS_CLIENT_CERT, \
+                         AMQP_TLS_CLIENT_KEY (scripts/with-broker exports them)"
+                    .into(),
+            })?;
+            (base, tls_url.as_str())
+        }
+        None => (name, url),
+    };
+    let report_name = if url.starts_with("amqps://") {
+        format!("{name}T")
+    } else {
+        name.to_string()
+    };
     if n == 0 {
         return Err(Error::InvalidParameter {
             name: "n",
@@ -878,7 +903,28 @@ pub fn run_workload(name: &str, n: u64, url: &str) -> Result<Report, Error> {
             });
         }
     };
-    Ok(Report::new(name, n, &measured))
+    Ok(Report::new(&report_name, n, &measured))
+}
+
+/// Parameters for an amqps URL, with the CA and client certificate from
+/// `AMQP_TLS_CA`, `AMQP_TLS_CLIENT_CERT` and `AMQP_TLS_CLIENT_KEY`.
+fn tls_params(url: &str) -> Result<pika::ConnectionParameters, Error> {
+    let var = |name: &'static str| {
+        std::env::var(name).map_err(|_| Error::InvalidParameter {
+            name,
+            reason: "not set (scripts/with-broker exports it)".into(),
+        })
+    };
+    let (ca, cert, key) = (
+        var("AMQP_TLS_CA")?,
+        var("AMQP_TLS_CLIENT_CERT")?,
+        var("AMQP_TLS_CLIENT_KEY")?,
+    );
+    let ssl =
+        pika::SslOptions::from_pem_files(Some(ca.as_ref()), Some((cert.as_ref(), key.as_ref())))?;
+    let mut params: pika::ConnectionParameters = UrlParameters::parse(url)?.into();
+    params.set_ssl_options(Some(ssl));
+    Ok(params)
 }
 
 // ----------------------------------------------------------------------
@@ -891,7 +937,9 @@ const CHILD_ENV: &str = "PERFTEST_CHILD";
 
 #[allow(dead_code)] // main only
 const USAGE: &str = "usage: perftest [--n N] [WORKLOAD[=N]...]
-  WORKLOAD: P1 P2 C1 L1 B1 (default: all, in that order)
+  WORKLOAD: P1 P2 C1 L1 B1 (default: all, in that order); a T suffix
+  (P1T ...) runs it over TLS; --tls runs each chosen workload over TLS too,
+  right after its plain-TCP run
   --n N / PERFTEST_N=N: n for every workload run; WORKLOAD=N: n for that one
   the broker: AMQP_URL (run through scripts/with-broker)";
 
@@ -908,6 +956,7 @@ fn parse_args(
         }
     };
     let mut global_n = env_n.as_deref().map(parse_n).transpose()?;
+    let mut tls = false;
     let mut wanted: Vec<(String, Option<u64>)> = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -916,6 +965,8 @@ fn parse_args(
             global_n = Some(parse_n(&value)?);
         } else if let Some(value) = arg.strip_prefix("--n=") {
             global_n = Some(parse_n(value)?);
+        } else if arg == "--tls" {
+            tls = true;
         } else if arg == "-h" || arg == "--help" {
             return Err(String::new());
         } else {
@@ -931,6 +982,15 @@ fn parse_args(
     }
     if wanted.is_empty() {
         wanted = WORKLOADS.iter().map(|w| (w.to_string(), None)).collect();
+    }
+    if tls {
+        wanted = wanted
+            .into_iter()
+            .flat_map(|(name, n)| {
+                let over_tls = (!name.ends_with('T')).then(|| (format!("{name}T"), n));
+                std::iter::once((name, n)).chain(over_tls)
+            })
+            .collect();
     }
     Ok(wanted
         .into_iter()
@@ -969,6 +1029,7 @@ fn child_main(spec: &str, url: &str) -> ExitCode {
 #[allow(dead_code)] // main only
 fn peer_cpu_us(workload: &str) -> Option<f64> {
     match workload {
+        // The peers' figures are for plain TCP.
         "P1" => Some(3.7),
         "P2" => Some(5.0),
         "C1" => Some(7.0),

@@ -85,3 +85,16 @@ fn an_unknown_workload_or_zero_n_is_refused_before_connecting() {
         Err(pika::Error::InvalidParameter { name: "n", .. })
     ));
 }
+
+#[test]
+fn tls_variants_run_the_same_workloads_over_amqps() {
+    for name in ["P1T", "C1T"] {
+        let report = smoke(name, 2_000);
+        assert_eq!(report.workload, name);
+        assert!(
+            report
+                .result_line()
+                .starts_with(&format!("RESULT workload={name} "))
+        );
+    }
+}
