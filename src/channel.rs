@@ -232,6 +232,9 @@ pub(crate) struct RpcReply {
 /// A completion closure of a synchronous channel method, given the reply.
 pub(crate) type RpcCallback = Box<dyn FnOnce(&Channel, Result<RpcReply, Error>)>;
 type OnChannelOpen = Box<dyn FnOnce(Result<Channel, Error>)>;
+
+/// How many nowait-cancelled consumer tags a channel remembers.
+const RECENTLY_CANCELLED: usize = 64;
 type OnChannelClose = Box<dyn FnOnce(&Channel, Error)>;
 type OnMessage = Rc<RefCell<dyn FnMut(&Channel, Delivery)>>;
 type OnAckNack = Rc<RefCell<dyn FnMut(&Channel, Confirmation)>>;
@@ -301,6 +304,9 @@ pub(crate) struct ChannelInner {
     generic: Vec<Rc<GenericCallback>>,
     rpcs: VecDeque<PendingRpc>,
     consumers: HashMap<String, Consumer>,
+    /// Consumers cancelled with nowait, with their `no_ack`: deliveries
+    /// that crossed the cancel are rejected (requeued) unless auto-acked.
+    recently_cancelled: VecDeque<(String, bool)>,
     confirm: Option<ConfirmState>,
     content: Option<PendingContent>,
     get_pending: bool,
@@ -362,6 +368,7 @@ impl Channel {
                     generic: Vec::new(),
                     rpcs: VecDeque::new(),
                     consumers: HashMap::new(),
+                    recently_cancelled: VecDeque::new(),
                     confirm: None,
                     content: None,
                     get_pending: false,
@@ -371,6 +378,12 @@ impl Channel {
                 }),
             }),
         }
+    }
+
+    /// Drops the open callback uncalled (the call that opened the channel
+    /// is reporting the error itself).
+    pub(crate) fn forget_open_callback(&self) {
+        self.shared.inner.borrow_mut().on_open = None;
     }
 
     /// The channel's number, 1 to the negotiated channel_max.
@@ -457,15 +470,17 @@ impl Channel {
         }
     }
 
+    /// Callbacks added to a closed channel (this one and the ones below) are
+    /// dropped uncalled.
+    ///
     /// Adds a callback called when the broker cancels one of this
     /// channel's consumers (Basic.Cancel from the broker, e.g. because its
     /// queue was deleted). The consumer is forgotten before the call.
     pub fn add_on_cancel_callback(&self, callback: impl FnMut(&Channel, &basic::Cancel) + 'static) {
-        self.shared
-            .inner
-            .borrow_mut()
-            .on_cancel
-            .push(Box::new(callback));
+        let mut inner = self.shared.inner.borrow_mut();
+        if inner.state != ChannelState::Closed {
+            inner.on_cancel.push(Box::new(callback));
+        }
     }
 
     /// Adds a callback called with each message the broker returns
@@ -475,21 +490,19 @@ impl Channel {
         &self,
         callback: impl FnMut(&Channel, &ReturnedMessage) + 'static,
     ) {
-        self.shared
-            .inner
-            .borrow_mut()
-            .on_return
-            .push(Box::new(callback));
+        let mut inner = self.shared.inner.borrow_mut();
+        if inner.state != ChannelState::Closed {
+            inner.on_return.push(Box::new(callback));
+        }
     }
 
     /// Adds a callback called when the broker sends Channel.Flow (RabbitMQ
     /// does not: it uses TCP back-pressure and Connection.Blocked).
     pub fn add_on_flow_callback(&self, callback: impl FnMut(&Channel, bool) + 'static) {
-        self.shared
-            .inner
-            .borrow_mut()
-            .on_flow
-            .push(Box::new(callback));
+        let mut inner = self.shared.inner.borrow_mut();
+        if inner.state != ChannelState::Closed {
+            inner.on_flow.push(Box::new(callback));
+        }
     }
 
     /// pika's generic hook: `callback` is called with each method in
@@ -501,15 +514,14 @@ impl Channel {
         one_shot: bool,
         callback: impl FnMut(&Channel, &Method) + 'static,
     ) {
-        self.shared
-            .inner
-            .borrow_mut()
-            .generic
-            .push(Rc::new(GenericCallback {
+        let mut inner = self.shared.inner.borrow_mut();
+        if inner.state != ChannelState::Closed {
+            inner.generic.push(Rc::new(GenericCallback {
                 replies: replies.to_vec(),
                 one_shot,
                 callback: RefCell::new(Some(Box::new(callback))),
             }));
+        }
     }
 
     // ------------------------------------------------------------------
@@ -1079,7 +1091,15 @@ impl Channel {
                     nowait: true,
                 };
                 let r = self.enqueue(m.into(), None, allow_closing);
-                self.shared.inner.borrow_mut().consumers.remove(&tag);
+                let mut inner = self.shared.inner.borrow_mut();
+                if let Some(c) = inner.consumers.remove(&tag) {
+                    // Deliveries already on their way are rejected back to
+                    // the queue; the last few such tags are remembered.
+                    if inner.recently_cancelled.len() == RECENTLY_CANCELLED {
+                        inner.recently_cancelled.pop_front();
+                    }
+                    inner.recently_cancelled.push_back((tag, c.no_ack));
+                }
                 r
             }
         };
@@ -1394,9 +1414,15 @@ impl Channel {
             }
             let was_open = inner.state == ChannelState::Open;
             inner.state = ChannelState::Closing;
+            // A reply text is a short string: longer text is cut at 255
+            // bytes (at a character boundary) rather than refused.
+            let mut end = reply_text.len().min(255);
+            while !reply_text.is_char_boundary(end) {
+                end -= 1;
+            }
             inner.close_reason = Some(Error::ChannelClosedByClient {
                 reply_code,
-                reply_text: reply_text.to_string(),
+                reply_text: reply_text[..end].to_string(),
             });
             if was_open {
                 inner
@@ -1615,7 +1641,15 @@ impl Channel {
                         }));
                         self.pump_rpcs();
                     }
-                    None => log::warn!("channel {number}: unexpected {} ignored", other.name()),
+                    None => {
+                        return Err(Error::UnexpectedFrame {
+                            detail: format!(
+                                "{} on channel {number}, which is no reply to a request in \
+                                 flight",
+                                other.name()
+                            ),
+                        });
+                    }
                 }
             }
         }
@@ -1910,11 +1944,27 @@ impl Channel {
                     let _ = self.basic_reject_internal(delivery.method.delivery_tag);
                 }
             }
-            None => log::warn!(
-                "channel {}: delivery for unknown consumer {:?} dropped",
-                self.shared.number,
-                delivery.method.consumer_tag
-            ),
+            None => {
+                let no_ack = self
+                    .shared
+                    .inner
+                    .borrow()
+                    .recently_cancelled
+                    .iter()
+                    .find(|(t, _)| *t == delivery.method.consumer_tag)
+                    .map(|(_, no_ack)| *no_ack);
+                match no_ack {
+                    Some(false) => {
+                        let _ = self.basic_reject_internal(delivery.method.delivery_tag);
+                    }
+                    Some(true) => {}
+                    None => log::warn!(
+                        "channel {}: delivery for unknown consumer {:?} dropped",
+                        self.shared.number,
+                        delivery.method.consumer_tag
+                    ),
+                }
+            }
         }
     }
 
@@ -1941,6 +1991,7 @@ impl Channel {
             inner.state = ChannelState::Closed;
             inner.close_reason = Some(reason.clone());
             inner.consumers.clear();
+            inner.recently_cancelled.clear();
             inner.content = None;
             inner.on_cancel.clear();
             inner.on_return.clear();

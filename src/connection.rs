@@ -1309,7 +1309,8 @@ impl SelectConnection {
             self.next_attempt();
             return;
         }
-        if phase == ConnectionState::Open || phase == ConnectionState::Closing {
+        let close_sent = self.shared.state.borrow().close_sent;
+        if (phase == ConnectionState::Open || phase == ConnectionState::Closing) && !close_sent {
             let close = connection::Close {
                 reply_code: e.reply_code(),
                 reply_text: truncate_short(&e.to_string()),
@@ -1334,13 +1335,15 @@ impl SelectConnection {
             self.next_attempt();
             return;
         }
-        let close = connection::Close {
-            reply_code: crate::error::UNEXPECTED_FRAME,
-            reply_text: truncate_short(&detail),
-            class_id: 0,
-            method_id: 0,
-        };
-        self.send_now(&close.into());
+        if !self.shared.state.borrow().close_sent {
+            let close = connection::Close {
+                reply_code: crate::error::UNEXPECTED_FRAME,
+                reply_text: truncate_short(&detail),
+                class_id: 0,
+                method_id: 0,
+            };
+            self.send_now(&close.into());
+        }
         self.terminate(Error::UnexpectedFrame { detail });
     }
 
@@ -1437,7 +1440,10 @@ impl SelectConnection {
             (ConnectionState::Open | ConnectionState::Closing, Method::ConnectionUnblocked(_)) => {
                 self.on_unblocked()
             }
-            (ConnectionState::Open, Method::ConnectionUpdateSecretOk(_)) => {
+            (
+                ConnectionState::Open | ConnectionState::Closing,
+                Method::ConnectionUpdateSecretOk(_),
+            ) => {
                 let cb = self
                     .shared
                     .state
@@ -1455,6 +1461,10 @@ impl SelectConnection {
                     reply_code: 200,
                     reply_text: "Normal shutdown".into(),
                 }));
+            }
+            (ConnectionState::Closing, method) if self.shared.state.borrow().close_sent => {
+                // Once our Close is out, only Close and CloseOk matter.
+                log::debug!("discarding {} while closing", method.name());
             }
             (phase, method) => {
                 self.unexpected(format!("{} on channel 0 while {phase:?}", method.name()))
@@ -1496,11 +1506,13 @@ impl SelectConnection {
         match start_ok {
             Ok(ok) => {
                 self.send(&ok.into());
-                self.shared
-                    .state
-                    .borrow_mut()
-                    .params
-                    .erase_credentials_if_asked();
+                // erase_on_connect: the password goes from the parameters in
+                // use and from every set the workflow keeps.
+                let mut st = self.shared.state.borrow_mut();
+                st.params.erase_credentials_if_asked();
+                for set in st.workflow.sets.iter_mut() {
+                    set.erase_credentials_if_asked();
+                }
             }
             Err(e) => self.handshake_refused(e),
         }
@@ -1981,6 +1993,8 @@ impl SelectConnection {
             &crate::spec::channel::Open::default().into(),
         );
         if let Err(e) = sent {
+            // The call reports the error: its closure is dropped uncalled.
+            channel.forget_open_callback();
             let deferred = channel.finish_close(e.clone());
             self.run(deferred);
             return Err(e);
@@ -2158,11 +2172,18 @@ impl SelectConnection {
         if let Some(s) = session {
             self.drop_session(s);
         }
-        self.shared
-            .threadsafe
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .closed = true;
+        let pending = {
+            let mut q = self
+                .shared
+                .threadsafe
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            q.closed = true;
+            std::mem::take(&mut q.callbacks)
+        };
+        // Closures other threads queued but that never ran: dropped here,
+        // on the loop thread, outside the lock.
+        drop(pending);
     }
 
     fn fire_terminal(&self, error: Error, was_opening: bool) {

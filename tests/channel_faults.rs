@@ -930,3 +930,27 @@ fn a_broker_channel_flow_is_answered_with_flow_ok_and_reaches_the_flow_callbacks
         ["first false", "second false", "first true", "second true"]
     );
 }
+
+#[test]
+fn an_unsolicited_reply_on_an_open_channel_closes_with_505() {
+    let (error, _, frames) = consumer_receives(method_frame(
+        1,
+        queue::DeclareOk {
+            queue: "nobody-asked".into(),
+            message_count: 0,
+            consumer_count: 0,
+        },
+    ));
+    assert_unexpected_frame(&error, &frames, "Queue.DeclareOk on channel 1");
+}
+
+#[test]
+fn a_connection_method_on_an_open_channel_closes_with_505() {
+    let (error, _, frames) = consumer_receives(method_frame(
+        1,
+        connection::Blocked {
+            reason: "wrong channel".into(),
+        },
+    ));
+    assert_unexpected_frame(&error, &frames, "Connection.Blocked on channel 1");
+}
