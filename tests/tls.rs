@@ -293,3 +293,55 @@ fn a_tls_client_on_the_plain_port_fails_within_stack_timeout() {
     );
     let _ = rabbitmqctl;
 }
+
+#[path = "../examples/tls.rs"]
+mod tls_example;
+
+#[test]
+fn the_tls_example_gets_its_message_back_with_plain_and_with_external() {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    for (external, mechanism) in [(false, "PLAIN"), (true, "EXTERNAL")] {
+        let mut settings = tls_example::Settings::from_env();
+        assert_eq!(settings.url, env("AMQPS_URL"));
+        assert_eq!(settings.ca_certs, path("AMQP_TLS_CA"));
+        assert_eq!(settings.certfile, path("AMQP_TLS_CLIENT_CERT"));
+        assert_eq!(settings.keyfile, path("AMQP_TLS_CLIENT_KEY"));
+        settings.external = external;
+        settings.queue = format!("tls.example.{mechanism}.{}.{stamp}", std::process::id());
+        settings.timeout = LIMIT / 2;
+        let summary = tls_example::run(&settings).expect("the example runs");
+        let port = env("AMQPS_PORT");
+        assert!(
+            summary
+                .connected_to
+                .as_deref()
+                .is_some_and(|peer| peer.ends_with(&format!(":{port}"))),
+            "{summary:?}"
+        );
+        assert_eq!(summary.mechanism.as_deref(), Some(mechanism), "{summary:?}");
+        assert!(
+            summary
+                .offered_mechanisms
+                .as_deref()
+                .is_some_and(|offered| offered.split(' ').any(|m| m == "EXTERNAL")),
+            "{summary:?}"
+        );
+        assert_eq!(summary.queue.as_deref(), Some(settings.queue.as_str()));
+        assert!(summary.published && summary.confirmed, "{summary:?}");
+        assert_eq!(summary.got.as_deref(), Some(settings.body.as_bytes()));
+        assert!(summary.queue_deleted && !summary.timed_out, "{summary:?}");
+        assert!(
+            matches!(
+                summary.end_reason,
+                Some(Error::ConnectionClosedByClient {
+                    reply_code: 200,
+                    ..
+                })
+            ),
+            "{summary:?}"
+        );
+    }
+}
