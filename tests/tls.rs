@@ -345,3 +345,28 @@ fn the_tls_example_gets_its_message_back_with_plain_and_with_external() {
         );
     }
 }
+
+#[test]
+fn heartbeats_keep_an_idle_tls_connection_open() {
+    let mut params = tls_params(mutual_tls());
+    params.set_heartbeat(1);
+    let still_open = Rc::new(RefCell::new(None));
+    let s = still_open.clone();
+    let terminal = run(params, move |conn| {
+        assert_eq!(conn.heartbeat(), 1);
+        // Idle for 3 timeouts: heartbeats, through TLS, keep it alive.
+        let c = conn.clone();
+        conn.ioloop().call_later(Duration::from_secs(3), move || {
+            *s.borrow_mut() = Some(c.is_open());
+            c.close(200, "done").unwrap();
+        });
+    });
+    assert_eq!(*still_open.borrow(), Some(true));
+    assert!(
+        matches!(
+            terminal.as_slice(),
+            [Error::ConnectionClosedByClient { .. }]
+        ),
+        "{terminal:?}"
+    );
+}
