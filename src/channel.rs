@@ -1184,13 +1184,6 @@ impl Channel {
     ) -> Result<Option<u64>, Error> {
         self.ensure_open("basic_publish")?;
         let conn = self.connection_or_err()?;
-        let method: Method = basic::Publish {
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
-            mandatory,
-            ..Default::default()
-        }
-        .into();
         // Behind a request not yet sent (a declare waiting for the one in
         // flight, a Confirm.Select), the message waits its turn too: sent
         // now, it would overtake the request it may depend on, and the
@@ -1198,17 +1191,19 @@ impl Channel {
         let behind_unsent = self.shared.inner.borrow().rpcs.iter().any(|r| !r.sent);
         if behind_unsent {
             let mut frames = Vec::new();
-            crate::frame::encode_message(
+            crate::frame::encode_publish(
                 &mut frames,
                 self.shared.number,
-                &method,
+                exchange,
+                routing_key,
+                mandatory,
                 properties,
                 body,
                 conn.frame_max(),
             )?;
             self.shared.inner.borrow_mut().rpcs.push_back(PendingRpc {
                 frame: frames,
-                name: method.name(),
+                name: "Basic.Publish",
                 replies: &[],
                 callback: None,
                 sent: false,
@@ -1216,7 +1211,14 @@ impl Channel {
             });
             self.pump_rpcs();
         } else {
-            conn.send_message_on_channel(self.shared.number, &method, properties, body)?;
+            conn.send_publish_on_channel(
+                self.shared.number,
+                exchange,
+                routing_key,
+                mandatory,
+                properties,
+                body,
+            )?;
         }
         let mut inner = self.shared.inner.borrow_mut();
         Ok(inner.confirm.as_mut().map(|c| {

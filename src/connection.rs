@@ -1791,14 +1791,35 @@ impl SelectConnection {
         self.send_on(channel, method)
     }
 
-    /// Encodes a whole message (method, content header, body frames) on a
-    /// channel (used by [`Channel`]).
-    pub(crate) fn send_message_on_channel(
+    /// Encodes a Basic.Publish message straight from borrowed names (the
+    /// publish hot path; used by [`Channel::basic_publish`]).
+    pub(crate) fn send_publish_on_channel(
         &self,
         channel: u16,
-        method: &Method,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
         properties: &crate::spec::BasicProperties,
         body: &[u8],
+    ) -> Result<(), Error> {
+        self.send_encoded(|out, frame_max| {
+            frame::encode_publish(
+                out,
+                channel,
+                exchange,
+                routing_key,
+                mandatory,
+                properties,
+                body,
+                frame_max,
+            )
+        })
+    }
+
+    /// Runs `encode` on the outbound buffer of an open connection.
+    fn send_encoded(
+        &self,
+        encode: impl FnOnce(&mut Vec<u8>, u32) -> Result<(), CodecError>,
     ) -> Result<(), Error> {
         {
             let mut st = self.shared.state.borrow_mut();
@@ -1813,14 +1834,7 @@ impl SelectConnection {
                     detail: "the connection has no socket".into(),
                 });
             };
-            frame::encode_message(
-                &mut s.outbound,
-                channel,
-                method,
-                properties,
-                body,
-                frame_max,
-            )?;
+            encode(&mut s.outbound, frame_max)?;
             if s.outbound.len() > st.high_water {
                 st.above_high_water = true;
             }

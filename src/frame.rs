@@ -369,6 +369,54 @@ pub fn encode_message(
     Ok(())
 }
 
+/// Appends a whole Basic.Publish message — method, content header and body
+/// frames — to `out`, straight from borrowed names: the same bytes as
+/// [`encode_message`] with a [`basic::Publish`](crate::spec::basic::Publish),
+/// without building the method value first (the publish hot path).
+///
+/// # Errors
+/// A name over 255 bytes, or a method or header frame over `frame_max`. On
+/// error `out` is left as it was.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_publish(
+    out: &mut Vec<u8>,
+    channel: u16,
+    exchange: &str,
+    routing_key: &str,
+    mandatory: bool,
+    properties: &BasicProperties,
+    body: &[u8],
+    frame_max: u32,
+) -> Result<(), CodecError> {
+    let start = out.len();
+    let method = write_frame(out, FRAME_METHOD, channel, frame_max, "method", |w| {
+        w.u16(crate::spec::basic::CLASS_ID);
+        w.u16(40);
+        w.u16(0); // ticket
+        w.short_str(exchange, "exchange")
+            .map_err(|e| e.in_field("Basic.Publish", "exchange"))?;
+        w.short_str(routing_key, "routing_key")
+            .map_err(|e| e.in_field("Basic.Publish", "routing_key"))?;
+        w.bit(mandatory);
+        w.bit(false); // immediate: RabbitMQ does not implement it
+        Ok(())
+    });
+    method?;
+    if let Err(e) = encode_content_header(
+        out,
+        channel,
+        crate::spec::basic::CLASS_ID,
+        body.len() as u64,
+        properties,
+        frame_max,
+    ) {
+        out.truncate(start);
+        return Err(e);
+    }
+    encode_body(out, channel, body, frame_max);
+    Ok(())
+}
+
 /// Appends a heartbeat frame to `out`.
 pub fn encode_heartbeat(out: &mut Vec<u8>) {
     out.extend_from_slice(&[FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, FRAME_END]);

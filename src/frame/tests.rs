@@ -379,3 +379,51 @@ fn frame_max_zero_means_no_limit() {
     encode_body(&mut out, 1, &vec![1; 200_000], 0);
     assert_eq!(parse_all(&out, 0).len(), 1);
 }
+
+#[test]
+fn encode_publish_writes_the_same_bytes_as_encode_message() {
+    for (exchange, key, mandatory, body) in [
+        ("", "q", false, &b""[..]),
+        ("amq.direct", "golden.key", true, &[7u8; 9000][..]),
+    ] {
+        let method: Method = basic::Publish {
+            exchange: exchange.into(),
+            routing_key: key.into(),
+            mandatory,
+            ..Default::default()
+        }
+        .into();
+        let mut a = Vec::new();
+        encode_message(&mut a, 3, &method, &all_properties(), body, FRAME_MIN_SIZE).unwrap();
+        let mut b = Vec::new();
+        encode_publish(
+            &mut b,
+            3,
+            exchange,
+            key,
+            mandatory,
+            &all_properties(),
+            body,
+            FRAME_MIN_SIZE,
+        )
+        .unwrap();
+        assert_eq!(a, b);
+    }
+    let mut out = vec![1];
+    let err = encode_publish(
+        &mut out,
+        1,
+        &"x".repeat(256),
+        "k",
+        false,
+        &BasicProperties::default(),
+        b"",
+        FRAME_MIN_SIZE,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("Basic.Publish field 'exchange'"),
+        "{err}"
+    );
+    assert_eq!(out, [1]);
+}
