@@ -13,21 +13,10 @@ use pika::frame::{FRAME_MIN_SIZE, Frame, PROTOCOL_HEADER, parse_frame};
 use pika::spec::{Method, connection};
 use pika::{FieldTable, FieldValue};
 
-/// `host:port` from an `amqp://user:pass@host:port/vhost` URL.
+/// `host:port` from an AMQP URL, by the client's own URL parser.
 fn address_of(url: &str) -> Result<String, String> {
-    let rest = url
-        .strip_prefix("amqp://")
-        .ok_or_else(|| format!("AMQP_URL must start with amqp://, got {url:?}"))?;
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let host_port = authority.rsplit('@').next().unwrap_or_default();
-    let has_port = host_port
-        .rsplit_once(':')
-        .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
-    Ok(if has_port {
-        host_port.to_string()
-    } else {
-        format!("{host_port}:{}", pika::spec::PORT)
-    })
+    let params = pika::UrlParameters::parse(url).map_err(|e| e.to_string())?;
+    Ok(format!("{}:{}", params.host(), params.port()))
 }
 
 fn read_start(addr: &str) -> Result<connection::Start, String> {

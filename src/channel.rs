@@ -1418,13 +1418,9 @@ impl Channel {
             inner.state = ChannelState::Closing;
             // A reply text is a short string: longer text is cut at 255
             // bytes (at a character boundary) rather than refused.
-            let mut end = reply_text.len().min(255);
-            while !reply_text.is_char_boundary(end) {
-                end -= 1;
-            }
             inner.close_reason = Some(Error::ChannelClosedByClient {
                 reply_code,
-                reply_text: reply_text[..end].to_string(),
+                reply_text: crate::connection::truncate_short(reply_text),
             });
             if was_open {
                 inner
@@ -1582,15 +1578,9 @@ impl Channel {
                 ) {
                     log::debug!("channel {number}: FlowOk not sent: {e}");
                 }
-                let mut callbacks = std::mem::take(&mut self.shared.inner.borrow_mut().on_flow);
                 let ch = self.clone();
                 deferred.push(Box::new(move |_| {
-                    for cb in callbacks.iter_mut() {
-                        cb(&ch, flow.active);
-                    }
-                    let mut inner = ch.shared.inner.borrow_mut();
-                    callbacks.append(&mut inner.on_flow);
-                    inner.on_flow = callbacks;
+                    ch.run_callbacks(|i| &mut i.on_flow, |cb| cb(&ch, flow.active))
                 }));
             }
             m @ (Method::BasicDeliver(_) | Method::BasicReturn(_) | Method::BasicGetOk(_)) => {
@@ -1754,16 +1744,30 @@ impl Channel {
                 log::debug!("channel {}: CancelOk not sent: {e}", self.shared.number);
             }
         }
-        let mut callbacks = std::mem::take(&mut self.shared.inner.borrow_mut().on_cancel);
         let ch = self.clone();
         deferred.push(Box::new(move |_| {
-            for cb in callbacks.iter_mut() {
-                cb(&ch, &cancel);
-            }
-            let mut inner = ch.shared.inner.borrow_mut();
-            callbacks.append(&mut inner.on_cancel);
-            inner.on_cancel = callbacks;
+            ch.run_callbacks(|i| &mut i.on_cancel, |cb| cb(&ch, &cancel))
         }));
+    }
+
+    /// Calls every callback of a repeating list with no borrow held, then
+    /// puts the list back ahead of any added meanwhile — unless the channel
+    /// closed meanwhile: then they are dropped.
+    fn run_callbacks<T: ?Sized>(
+        &self,
+        list: fn(&mut ChannelInner) -> &mut Vec<Box<T>>,
+        mut call: impl FnMut(&mut Box<T>),
+    ) {
+        let mut callbacks = std::mem::take(list(&mut self.shared.inner.borrow_mut()));
+        for cb in callbacks.iter_mut() {
+            call(cb);
+        }
+        let mut inner = self.shared.inner.borrow_mut();
+        if inner.state != ChannelState::Closed {
+            let added = list(&mut inner);
+            callbacks.append(added);
+            *added = callbacks;
+        }
     }
 
     /// Handles a content header for the message whose method arrived last.
@@ -1870,8 +1874,7 @@ impl Channel {
                     properties,
                     body,
                 };
-                let mut callbacks = std::mem::take(&mut self.shared.inner.borrow_mut().on_return);
-                if callbacks.is_empty() {
+                if self.shared.inner.borrow().on_return.is_empty() {
                     log::warn!(
                         "channel {}: message returned ({} {}) with no return callback",
                         self.shared.number,
@@ -1881,12 +1884,7 @@ impl Channel {
                 }
                 let ch = self.clone();
                 deferred.push(Box::new(move |_| {
-                    for cb in callbacks.iter_mut() {
-                        cb(&ch, &returned);
-                    }
-                    let mut inner = ch.shared.inner.borrow_mut();
-                    callbacks.append(&mut inner.on_return);
-                    inner.on_return = callbacks;
+                    ch.run_callbacks(|i| &mut i.on_return, |cb| cb(&ch, &returned))
                 }));
             }
             (ContentKind::GetOk, method) => {

@@ -273,6 +273,17 @@ fn tls_failure(e: &io::Error) -> Option<String> {
         .map(|t| t.0.to_string())
 }
 
+/// When bytes may be queued for sending.
+#[derive(Clone, Copy)]
+enum SendWhen {
+    /// Whenever a socket exists (the handshake's own methods).
+    Connected,
+    /// Open, or closing (channel methods, close handshakes).
+    OpenOrClosing,
+    /// Open only (publishing).
+    Open,
+}
+
 /// Which set, address and round the connect workflow is at.
 struct Workflow {
     sets: Vec<ConnectionParameters>,
@@ -1642,14 +1653,7 @@ impl SelectConnection {
                 self.shared.state.borrow_mut().blocked_timer = Some(timer);
             }
         }
-        let mut callbacks =
-            std::mem::take(&mut self.shared.state.borrow_mut().callbacks.on_blocked);
-        for cb in callbacks.iter_mut() {
-            cb(self, &reason);
-        }
-        let mut st = self.shared.state.borrow_mut();
-        callbacks.append(&mut st.callbacks.on_blocked);
-        st.callbacks.on_blocked = callbacks;
+        self.run_callbacks(|c| &mut c.on_blocked, |cb| cb(self, &reason));
     }
 
     fn on_unblocked(&self) {
@@ -1661,14 +1665,27 @@ impl SelectConnection {
         if let Some(t) = timer {
             self.shared.ioloop.remove_timeout(t);
         }
-        let mut callbacks =
-            std::mem::take(&mut self.shared.state.borrow_mut().callbacks.on_unblocked);
+        self.run_callbacks(|c| &mut c.on_unblocked, |cb| cb(self));
+    }
+
+    /// Calls every callback of a repeating list with no borrow held, then
+    /// puts the list back ahead of any added meanwhile — unless the
+    /// connection closed meanwhile: then they are dropped.
+    fn run_callbacks<T: ?Sized>(
+        &self,
+        list: fn(&mut Callbacks) -> &mut Vec<Box<T>>,
+        mut call: impl FnMut(&mut Box<T>),
+    ) {
+        let mut callbacks = std::mem::take(list(&mut self.shared.state.borrow_mut().callbacks));
         for cb in callbacks.iter_mut() {
-            cb(self);
+            call(cb);
         }
         let mut st = self.shared.state.borrow_mut();
-        callbacks.append(&mut st.callbacks.on_unblocked);
-        st.callbacks.on_unblocked = callbacks;
+        if st.phase != ConnectionState::Closed {
+            let added = list(&mut st.callbacks);
+            callbacks.append(added);
+            *added = callbacks;
+        }
     }
 
     // ------------------------------------------------------------------
@@ -1763,69 +1780,31 @@ impl SelectConnection {
     }
 
     fn send_on(&self, channel: u16, method: &Method) -> Result<(), Error> {
-        {
-            let mut st = self.shared.state.borrow_mut();
-            let frame_max = st.frame_max;
-            let Some(s) = st.session.as_mut() else {
-                return Err(Error::ConnectionWrongState {
-                    detail: "the connection has no socket".into(),
-                });
-            };
-            frame::encode_method(&mut s.outbound, channel, method, frame_max)?;
-            if s.outbound.len() > st.high_water {
-                st.above_high_water = true;
-            }
-        }
-        self.set_interest();
-        Ok(())
-    }
-
-    /// Sends a method on a channel (used by [`Channel`]).
-    pub(crate) fn send_on_channel(&self, channel: u16, method: &Method) -> Result<(), Error> {
-        let phase = self.state();
-        if phase != ConnectionState::Open && phase != ConnectionState::Closing {
-            return Err(Error::ConnectionWrongState {
-                detail: format!("connection is {phase:?}, cannot send {}", method.name()),
-            });
-        }
-        self.send_on(channel, method)
-    }
-
-    /// Encodes a Basic.Publish message straight from borrowed names (the
-    /// publish hot path; used by [`Channel::basic_publish`]).
-    pub(crate) fn send_publish_on_channel(
-        &self,
-        channel: u16,
-        exchange: &str,
-        routing_key: &str,
-        mandatory: bool,
-        properties: &crate::spec::BasicProperties,
-        body: &[u8],
-    ) -> Result<(), Error> {
-        self.send_encoded(|out, frame_max| {
-            frame::encode_publish(
-                out,
-                channel,
-                exchange,
-                routing_key,
-                mandatory,
-                properties,
-                body,
-                frame_max,
-            )
+        self.append_outbound(SendWhen::Connected, method.name(), |out, frame_max| {
+            frame::encode_method(out, channel, method, frame_max)
         })
     }
 
-    /// Runs `encode` on the outbound buffer of an open connection.
-    fn send_encoded(
+    /// Runs `encode` on the outbound buffer when the connection's state
+    /// allows `when`, then arranges the write. The one way bytes are queued.
+    fn append_outbound(
         &self,
+        when: SendWhen,
+        what: &str,
         encode: impl FnOnce(&mut Vec<u8>, u32) -> Result<(), CodecError>,
     ) -> Result<(), Error> {
         {
             let mut st = self.shared.state.borrow_mut();
-            if st.phase != ConnectionState::Open {
+            let allowed = match when {
+                SendWhen::Connected => true,
+                SendWhen::OpenOrClosing => {
+                    matches!(st.phase, ConnectionState::Open | ConnectionState::Closing)
+                }
+                SendWhen::Open => st.phase == ConnectionState::Open,
+            };
+            if !allowed {
                 return Err(Error::ConnectionWrongState {
-                    detail: format!("connection is {:?}, cannot publish", st.phase),
+                    detail: format!("connection is {:?}, cannot send {what}", st.phase),
                 });
             }
             let frame_max = st.frame_max;
@@ -1843,6 +1822,38 @@ impl SelectConnection {
         Ok(())
     }
 
+    /// Sends a method on a channel (used by [`Channel`]).
+    pub(crate) fn send_on_channel(&self, channel: u16, method: &Method) -> Result<(), Error> {
+        self.append_outbound(SendWhen::OpenOrClosing, method.name(), |out, frame_max| {
+            frame::encode_method(out, channel, method, frame_max)
+        })
+    }
+
+    /// Encodes a Basic.Publish message straight from borrowed names (the
+    /// publish hot path; used by [`Channel::basic_publish`]).
+    pub(crate) fn send_publish_on_channel(
+        &self,
+        channel: u16,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        properties: &crate::spec::BasicProperties,
+        body: &[u8],
+    ) -> Result<(), Error> {
+        self.append_outbound(SendWhen::Open, "Basic.Publish", |out, frame_max| {
+            frame::encode_publish(
+                out,
+                channel,
+                exchange,
+                routing_key,
+                mandatory,
+                properties,
+                body,
+                frame_max,
+            )
+        })
+    }
+
     /// Encodes one method frame for `channel` under the negotiated
     /// frame_max (used by [`Channel`] to validate a request at the call and
     /// send it later, in turn).
@@ -1855,25 +1866,10 @@ impl SelectConnection {
 
     /// Appends already encoded frames to the outbound buffer.
     pub(crate) fn send_frame_bytes(&self, bytes: &[u8]) -> Result<(), Error> {
-        {
-            let mut st = self.shared.state.borrow_mut();
-            if st.phase != ConnectionState::Open && st.phase != ConnectionState::Closing {
-                return Err(Error::ConnectionWrongState {
-                    detail: format!("connection is {:?}, cannot send", st.phase),
-                });
-            }
-            let Some(s) = st.session.as_mut() else {
-                return Err(Error::ConnectionWrongState {
-                    detail: "the connection has no socket".into(),
-                });
-            };
-            s.outbound.extend_from_slice(bytes);
-            if s.outbound.len() > st.high_water {
-                st.above_high_water = true;
-            }
-        }
-        self.set_interest();
-        Ok(())
+        self.append_outbound(SendWhen::OpenOrClosing, "frames", |out, _| {
+            out.extend_from_slice(bytes);
+            Ok(())
+        })
     }
 
     /// A consumer tag unique on this connection: `ctag<channel>.<n>`.
@@ -1929,14 +1925,7 @@ impl SelectConnection {
             return;
         }
         if drained {
-            let mut callbacks =
-                std::mem::take(&mut self.shared.state.borrow_mut().callbacks.on_drained);
-            for cb in callbacks.iter_mut() {
-                cb(self);
-            }
-            let mut st = self.shared.state.borrow_mut();
-            callbacks.append(&mut st.callbacks.on_drained);
-            st.callbacks.on_drained = callbacks;
+            self.run_callbacks(|c| &mut c.on_drained, |cb| cb(self));
         }
     }
 
@@ -2260,7 +2249,7 @@ impl SelectConnection {
 }
 
 /// Cuts a reply text to the 255 bytes a short string holds.
-fn truncate_short(text: &str) -> String {
+pub(crate) fn truncate_short(text: &str) -> String {
     let mut end = text.len().min(255);
     while !text.is_char_boundary(end) {
         end -= 1;

@@ -67,7 +67,8 @@ pub enum OwnedFrame {
 }
 
 impl OwnedFrame {
-    fn from_frame(frame: Frame<'_>) -> OwnedFrame {
+    /// Copies a parsed frame out of its buffer.
+    pub fn from_frame(frame: Frame<'_>) -> OwnedFrame {
         match frame {
             Frame::Method { channel, method } => OwnedFrame::Method(channel, method),
             Frame::Header { channel, header } => OwnedFrame::Header(channel, header),
@@ -525,7 +526,8 @@ impl FakeConn {
             .unwrap_or_else(|| self.closed_while("a frame"))
     }
 
-    /// The next method frame, skipping heartbeats; panics on content frames.
+    /// The next method frame (heartbeats are passed over); panics on content
+    /// frames.
     pub fn read_method(&mut self) -> (u16, Method) {
         loop {
             match self.read_frame() {

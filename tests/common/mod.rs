@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use pika::frame::{FRAME_MIN_SIZE, Frame, PROTOCOL_HEADER, encode_method, parse_frame};
+use pika::frame::{FRAME_MIN_SIZE, PROTOCOL_HEADER, encode_method, parse_frame};
 use pika::spec::Method;
 
 const HOW_TO_GET_A_BROKER: &str = "run the tests through the project's broker script, \
@@ -20,41 +20,26 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| panic!("AMQP_URL is not set: {HOW_TO_GET_A_BROKER}"))
 }
 
-/// The `host:port` of `AMQP_URL` (user info and path stripped; port 5672
-/// when absent).
+/// `AMQP_URL` parsed by the client's own URL parser.
+fn parsed_url() -> pika::UrlParameters {
+    pika::UrlParameters::parse(&amqp_url())
+        .unwrap_or_else(|e| panic!("AMQP_URL does not parse: {e}"))
+}
+
+/// The `host:port` of `AMQP_URL`.
 pub fn broker_addr() -> String {
-    let url = amqp_url();
-    let rest = url
-        .strip_prefix("amqp://")
-        .unwrap_or_else(|| panic!("AMQP_URL must start with amqp:// (got a different scheme)"));
-    let authority = rest.split('/').next().unwrap_or_default();
-    let host_port = authority.rsplit('@').next().unwrap_or_default();
-    if host_port
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        host_port.to_string()
-    } else {
-        format!("{host_port}:5672")
-    }
+    let url = parsed_url();
+    format!("{}:{}", url.host(), url.port())
 }
 
 /// The user and password of `AMQP_URL` (guest/guest when absent).
 pub fn broker_credentials() -> (String, String) {
-    let url = amqp_url();
-    let authority = url
-        .trim_start_matches("amqp://")
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    match authority.rsplit_once('@') {
-        Some((userinfo, _)) => match userinfo.split_once(':') {
-            Some((u, p)) => (u.to_string(), p.to_string()),
-            None => (userinfo.to_string(), String::new()),
-        },
-        None => ("guest".into(), "guest".into()),
-    }
+    let url = parsed_url();
+    let plain = url
+        .credentials()
+        .as_plain()
+        .expect("AMQP_URL carries PLAIN credentials");
+    (plain.username().to_string(), plain.password().to_string())
 }
 
 /// A TCP connection to the broker, or a failure that says how to get one.
@@ -78,13 +63,7 @@ pub struct RawSession {
 }
 
 /// An owned frame (bodies copied), as tests want them.
-#[derive(Debug, Clone, PartialEq)]
-pub enum OwnedFrame {
-    Method(u16, Method),
-    Header(u16, pika::frame::ContentHeader),
-    Body(u16, Vec<u8>),
-    Heartbeat,
-}
+pub use fake_broker::OwnedFrame;
 
 impl RawSession {
     /// Connects and sends the protocol header.
@@ -105,12 +84,7 @@ impl RawSession {
             if let Some((frame, used)) = parse_frame(&self.buffer, self.frame_max)
                 .unwrap_or_else(|e| panic!("broker sent what our codec refuses: {e}"))
             {
-                let owned = match frame {
-                    Frame::Method { channel, method } => OwnedFrame::Method(channel, method),
-                    Frame::Header { channel, header } => OwnedFrame::Header(channel, header),
-                    Frame::Body { channel, payload } => OwnedFrame::Body(channel, payload.to_vec()),
-                    Frame::Heartbeat => OwnedFrame::Heartbeat,
-                };
+                let owned = OwnedFrame::from_frame(frame);
                 self.buffer.drain(..used);
                 return owned;
             }
@@ -125,7 +99,7 @@ impl RawSession {
         }
     }
 
-    /// Reads the next method frame, skipping heartbeats.
+    /// Reads the next method frame; heartbeats are passed over.
     pub fn read_method(&mut self) -> (u16, Method) {
         loop {
             match self.read_frame() {
@@ -152,9 +126,7 @@ impl RawSession {
 /// Connection parameters for the broker at `AMQP_URL`, with short timeouts
 /// suited to tests.
 pub fn broker_params() -> pika::ConnectionParameters {
-    let mut params = pika::UrlParameters::parse(&amqp_url())
-        .unwrap_or_else(|e| panic!("AMQP_URL does not parse: {e}"))
-        .into_parameters();
+    let mut params = parsed_url().into_parameters();
     params
         .set_socket_timeout(Duration::from_secs(5))
         .unwrap()
