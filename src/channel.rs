@@ -61,7 +61,8 @@ use crate::connection::{Deferred, SelectConnection, Shared as ConnectionShared};
 use crate::error::Error;
 use crate::frame::ContentHeader;
 use crate::spec::{
-    BasicProperties, Method, MethodId, basic, channel, confirm, exchange, queue, tx,
+    BasicProperties, Method, MethodDef, MethodId, PropertiesError, basic, channel, confirm,
+    exchange, queue, tx,
 };
 use crate::table::FieldTable;
 
@@ -72,10 +73,16 @@ pub struct Delivery {
     /// The Basic.Deliver method: consumer tag, delivery tag, redelivered,
     /// exchange, routing key.
     pub method: basic::Deliver,
-    /// The message properties.
+    /// The message properties (those that decoded, see
+    /// `properties_error`).
     pub properties: BasicProperties,
     /// The message body.
     pub body: Vec<u8>,
+    /// Set when some properties did not decode (e.g. a header type this
+    /// client does not know, a content type that is not UTF-8): the message
+    /// is delivered anyway, with the raw property bytes, so it can be acked,
+    /// rejected or dead-lettered.
+    pub properties_error: Option<PropertiesError>,
 }
 
 /// A message fetched with [`Channel::basic_get`].
@@ -84,10 +91,16 @@ pub struct GetMessage {
     /// The Basic.GetOk method: delivery tag, redelivered, exchange, routing
     /// key, message count.
     pub method: basic::GetOk,
-    /// The message properties.
+    /// The message properties (those that decoded, see
+    /// `properties_error`).
     pub properties: BasicProperties,
     /// The message body.
     pub body: Vec<u8>,
+    /// Set when some properties did not decode (e.g. a header type this
+    /// client does not know, a content type that is not UTF-8): the message
+    /// is delivered anyway, with the raw property bytes, so it can be acked,
+    /// rejected or dead-lettered.
+    pub properties_error: Option<PropertiesError>,
 }
 
 /// A mandatory message the broker could not route, returned with
@@ -96,10 +109,16 @@ pub struct GetMessage {
 pub struct ReturnedMessage {
     /// The Basic.Return method: reply code and text, exchange, routing key.
     pub method: basic::Return,
-    /// The message properties.
+    /// The message properties (those that decoded, see
+    /// `properties_error`).
     pub properties: BasicProperties,
     /// The message body.
     pub body: Vec<u8>,
+    /// Set when some properties did not decode (e.g. a header type this
+    /// client does not know, a content type that is not UTF-8): the message
+    /// is delivered anyway, with the raw property bytes, so it can be acked,
+    /// rejected or dead-lettered.
+    pub properties_error: Option<PropertiesError>,
 }
 
 /// What became of published messages in confirm mode.
@@ -226,7 +245,7 @@ pub enum ChannelState {
 /// A reply to a synchronous request, with content for Basic.GetOk.
 pub(crate) struct RpcReply {
     method: Method,
-    content: Option<(BasicProperties, Vec<u8>)>,
+    content: Option<(BasicProperties, Vec<u8>, Option<PropertiesError>)>,
 }
 
 /// A completion closure of a synchronous channel method, given the reply.
@@ -285,6 +304,7 @@ struct PendingContent {
     method: Method,
     kind: ContentKind,
     header: Option<(BasicProperties, u64)>,
+    properties_error: Option<PropertiesError>,
     body: Vec<u8>,
 }
 
@@ -612,6 +632,10 @@ impl Channel {
                 let name = item.name;
                 if !is_request {
                     inner.rpcs.remove(idx);
+                }
+                if name == <channel::Close as MethodDef>::NAME {
+                    // From here on only Close and CloseOk matter.
+                    inner.close_sent = true;
                 }
                 (frame, name)
             };
@@ -1145,13 +1169,15 @@ impl Channel {
                 move |ch: &Channel, reply: Result<RpcReply, Error>| {
                     ch.shared.inner.borrow_mut().get_pending = false;
                     let result = reply.map(|r| match (r.method, r.content) {
-                        (Method::BasicGetOk(method), Some((properties, body))) => {
-                            Some(GetMessage {
-                                method,
-                                properties,
-                                body,
-                            })
-                        }
+                        (
+                            Method::BasicGetOk(method),
+                            Some((properties, body, properties_error)),
+                        ) => Some(GetMessage {
+                            method,
+                            properties,
+                            body,
+                            properties_error,
+                        }),
                         _ => None,
                     });
                     callback(ch, result);
@@ -1398,15 +1424,18 @@ impl Channel {
 
     /// Closes the channel: cancels its consumers, then sends Channel.Close
     /// and, once the broker's CloseOk arrives, calls the close callbacks
-    /// with [`Error::ChannelClosedByClient`]. Closing while the channel is
-    /// still opening suppresses its OpenOk (the open callback gets the
-    /// close reason).
+    /// with [`Error::ChannelClosedByClient`]. As in pika, Channel.Close is
+    /// queued behind the requests already pending on the channel (a cancel
+    /// or a declare in flight, and those waiting behind it): each completes
+    /// with its reply first, then the Close goes out at once. Closing while
+    /// the channel is still opening suppresses its OpenOk (the open
+    /// callback gets the close reason).
     ///
     /// # Errors
     /// [`Error::ChannelWrongState`] when the channel is already closing or
     /// closed; nothing is sent then.
     pub fn close(&self, reply_code: u16, reply_text: &str) -> Result<(), Error> {
-        let tags: Vec<String> = {
+        let (tags, close) = {
             let mut inner = self.shared.inner.borrow_mut();
             match inner.state {
                 ChannelState::Closing | ChannelState::Closed => {
@@ -1418,11 +1447,12 @@ impl Channel {
             inner.state = ChannelState::Closing;
             // A reply text is a short string: longer text is cut at 255
             // bytes (at a character boundary) rather than refused.
+            let reply_text = crate::connection::truncate_short(reply_text);
             inner.close_reason = Some(Error::ChannelClosedByClient {
                 reply_code,
-                reply_text: crate::connection::truncate_short(reply_text),
+                reply_text: reply_text.clone(),
             });
-            if was_open {
+            let tags: Vec<String> = if was_open {
                 inner
                     .consumers
                     .iter()
@@ -1431,54 +1461,67 @@ impl Channel {
                     .collect()
             } else {
                 Vec::new()
-            }
-        };
-        let mut waiting = 0;
-        for tag in tags {
-            let cancelled = self.cancel_consumer(
-                &tag,
-                true,
-                Some(Box::new(|ch: &Channel, _| ch.send_close_when_idle())),
-            );
-            if cancelled.is_ok() {
-                waiting += 1;
-            }
-        }
-        if waiting == 0 {
-            self.send_close_when_idle();
-        }
-        Ok(())
-    }
-
-    /// Sends Channel.Close once no consumer is left being cancelled.
-    fn send_close_when_idle(&self) {
-        let close = {
-            let mut inner = self.shared.inner.borrow_mut();
-            if inner.state != ChannelState::Closing
-                || inner.close_sent
-                || inner.consumers.values().any(|c| c.cancelled)
-            {
-                return;
-            }
-            inner.close_sent = true;
-            let (reply_code, reply_text) = match &inner.close_reason {
-                Some(Error::ChannelClosedByClient {
-                    reply_code,
-                    reply_text,
-                }) => (*reply_code, reply_text.clone()),
-                _ => (crate::spec::REPLY_SUCCESS, "Normal shutdown".to_string()),
             };
-            channel::Close {
+            let close = channel::Close {
                 reply_code,
                 reply_text,
                 class_id: 0,
                 method_id: 0,
-            }
+            };
+            (tags, close)
         };
-        // Channel.Close jumps the RPC queue: whatever was queued behind is
-        // failed when the CloseOk arrives.
-        if let Err(e) = self.send_method(close.into()) {
-            log::debug!("channel {}: Close not sent: {e}", self.shared.number);
+        for tag in tags {
+            if let Err(e) = self.cancel_consumer(&tag, true, Some(Box::new(|_: &Channel, _| {}))) {
+                log::debug!(
+                    "channel {}: consumer {tag} not cancelled: {e}",
+                    self.shared.number
+                );
+            }
+        }
+        // As in pika, Channel.Close is a request queued behind the ones
+        // already pending (a cancel the user issued, the cancels above, a
+        // declare in flight): each gets its reply, then the Close goes out.
+        let conn = self.connection_or_err()?;
+        let frame = conn.encode_frame(self.shared.number, &close.into())?;
+        self.shared.inner.borrow_mut().rpcs.push_back(PendingRpc {
+            frame,
+            name: <channel::Close as MethodDef>::NAME,
+            replies: <channel::Close as MethodDef>::REPLIES,
+            callback: None,
+            sent: false,
+            asynchronous: false,
+        });
+        self.pump_rpcs();
+        Ok(())
+    }
+
+    /// What this channel's close has done so far, for the log when the
+    /// connection's close bound expires.
+    pub(crate) fn close_progress(&self) -> String {
+        let inner = self.shared.inner.borrow();
+        let number = self.shared.number;
+        if inner.close_sent {
+            return format!("channel {number}: Channel.Close sent, no Channel.CloseOk");
+        }
+        let waiting: Vec<&str> = inner
+            .rpcs
+            .iter()
+            .take_while(|r| r.name != <channel::Close as MethodDef>::NAME)
+            .filter(|r| !r.replies.is_empty())
+            .map(|r| r.name)
+            .collect();
+        match inner.rpcs.front() {
+            Some(front) if front.sent && !waiting.is_empty() => format!(
+                "channel {number}: Channel.Close not sent, queued behind {} (in flight, no \
+                 reply){}",
+                front.name,
+                if waiting.len() > 1 {
+                    format!(" and {} more", waiting.len() - 1)
+                } else {
+                    String::new()
+                }
+            ),
+            _ => format!("channel {number}: Channel.Close not sent"),
         }
     }
 
@@ -1593,6 +1636,7 @@ impl Channel {
                     method: m,
                     kind,
                     header: None,
+                    properties_error: None,
                     body: Vec::new(),
                 });
             }
@@ -1780,6 +1824,7 @@ impl Channel {
             match inner.content.as_mut() {
                 Some(content) if content.header.is_none() => {
                     content.header = Some((header.properties, header.body_size));
+                    content.properties_error = header.properties_error.map(|e| *e);
                     // Reserve what the header announces, bounded: a lying
                     // body_size (2^63) must not allocate.
                     let reserve = header.body_size.min(1 << 20) as usize;
@@ -1853,9 +1898,18 @@ impl Channel {
         };
         let (properties, _) = content.header.unwrap_or_default();
         let body = content.body;
+        let properties_error = content.properties_error;
         let mut deferred: Vec<Deferred> = Vec::new();
         if self.discarding() {
             return Ok(deferred);
+        }
+        if let Some(problem) = &properties_error {
+            log::warn!(
+                "channel {}: {} with unreadable properties, delivered with the raw bytes: {}",
+                self.shared.number,
+                content.method.name(),
+                problem.error
+            );
         }
         match (content.kind, content.method) {
             (ContentKind::Deliver, Method::BasicDeliver(method)) => {
@@ -1864,6 +1918,7 @@ impl Channel {
                         method,
                         properties,
                         body,
+                        properties_error,
                     },
                     &mut deferred,
                 );
@@ -1873,6 +1928,7 @@ impl Channel {
                     method,
                     properties,
                     body,
+                    properties_error,
                 };
                 if self.shared.inner.borrow().on_return.is_empty() {
                     log::warn!(
@@ -1905,7 +1961,7 @@ impl Channel {
                                 &ch,
                                 Ok(RpcReply {
                                     method,
-                                    content: Some((properties, body)),
+                                    content: Some((properties, body, properties_error)),
                                 }),
                             )
                         }));

@@ -2085,7 +2085,8 @@ impl SelectConnection {
                 conn.shared.state.borrow_mut().close_timer = None;
                 if conn.state() == ConnectionState::Closing {
                     log::warn!(
-                        "close handshake not answered within {timeout:?}; dropping the socket"
+                        "close handshake not answered within {timeout:?} ({}); dropping the socket",
+                        conn.close_progress()
                     );
                     let reason = conn.shared.state.borrow().close_reason.clone();
                     conn.terminate(reason.unwrap_or(Error::ConnectionOpenAborted));
@@ -2105,6 +2106,23 @@ impl SelectConnection {
         }
         self.maybe_send_connection_close();
         Ok(())
+    }
+
+    /// What our close handshake has sent and what it has not, for the log
+    /// when its bound expires.
+    fn close_progress(&self) -> String {
+        let close_sent = self.shared.state.borrow().close_sent;
+        let mut parts: Vec<String> = self
+            .open_channels()
+            .iter()
+            .map(Channel::close_progress)
+            .collect();
+        parts.push(if close_sent {
+            "Connection.Close sent, no Connection.CloseOk".to_string()
+        } else {
+            "Connection.Close not sent: waiting for the channels to close".to_string()
+        });
+        parts.join("; ")
     }
 
     /// Sends our Connection.Close, once, when no channel is left closing.

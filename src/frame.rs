@@ -20,7 +20,7 @@
 //! ```
 
 use crate::error::CodecError;
-use crate::spec::{BasicProperties, Method};
+use crate::spec::{BasicProperties, Method, PropertiesError};
 use crate::wire::{Reader, Writer};
 
 /// Frame type of a method frame.
@@ -50,8 +50,12 @@ pub struct ContentHeader {
     pub class_id: u16,
     /// Total body size in bytes, over all body frames.
     pub body_size: u64,
-    /// The message properties.
+    /// The message properties (those that decoded, see
+    /// `properties_error`).
     pub properties: BasicProperties,
+    /// Set when some properties did not decode (their bytes were skipped).
+    /// (Boxed: it is rare, and keeps [`Frame`] small.)
+    pub properties_error: Option<Box<PropertiesError>>,
 }
 
 /// One decoded frame. A body frame borrows its payload from the buffer it
@@ -194,9 +198,15 @@ fn parse_protocol_header(buf: &[u8]) -> Result<(), CodecError> {
 
 /// Decodes a content header frame's payload.
 ///
+/// A property whose contents do not decode but whose length fits the frame
+/// (a headers table with an unknown type tag, a short string that is not
+/// UTF-8) does not fail the header: it is left unset and reported in
+/// [`ContentHeader::properties_error`] with the raw property bytes.
+///
 /// # Errors
 /// A class other than Basic (503), a non-zero weight, property flags naming
-/// no property, or truncated or left-over bytes (502).
+/// no property, a property whose length overruns the frame, or left-over
+/// bytes (502).
 pub fn decode_content_header(payload: &[u8]) -> Result<ContentHeader, CodecError> {
     let mut r = Reader::new(payload);
     let class_id = r.u16("content header class id")?;
@@ -208,12 +218,20 @@ pub fn decode_content_header(payload: &[u8]) -> Result<ContentHeader, CodecError
     if weight != 0 {
         return Err(CodecError::NonZeroWeight { weight });
     }
-    let properties = BasicProperties::read(&mut r)?;
+    let properties_start = r.position();
+    let (properties, unreadable) = BasicProperties::read(&mut r)?;
     r.finish("content header")?;
+    let properties_error = unreadable.map(|error| {
+        Box::new(PropertiesError {
+            error,
+            raw_properties: payload[properties_start..].to_vec(),
+        })
+    });
     Ok(ContentHeader {
         class_id,
         body_size,
         properties,
+        properties_error,
     })
 }
 

@@ -56,7 +56,7 @@ pub use credentials::{Credentials, ExternalCredentials, PlainCredentials};
 pub use error::{CodecError, Error};
 pub use ioloop::{HandlerId, Interest, IoLoop, IoLoopWaker, Readiness, TimeoutId};
 pub use parameters::{ConnectionParameters, Heartbeat, TcpOptions, UrlParameters};
-pub use spec::BasicProperties;
+pub use spec::{BasicProperties, PropertiesError};
 pub use table::{Decimal, FieldTable, FieldValue, LongString};
 pub use tls::SslOptions;
 

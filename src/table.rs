@@ -2,7 +2,11 @@
 //! strings ([`LongString`]) and decimals, with their wire form.
 //!
 //! Every field type RabbitMQ sends or accepts is supported, tags
-//! `t b B s u I i l f d D S x A T F V`. Keys keep the order they were
+//! `t b B s u I i l f d D S x A T F V`, and `L` on decode: pika 1.3.0–1.3.2
+//! write it for integers below −2³¹; like RabbitMQ, it is read as a signed
+//! 64-bit integer ([`FieldValue::I64`]) and written back as `l`. (Those pika
+//! versions also write integers in [2⁶³, 2⁶⁴) as `l` with unsigned packing:
+//! they read back negative here, as they do in RabbitMQ.) Keys keep the order they were
 //! inserted or received in. The decoder follows the AMQP 0-9-1 spec and
 //! RabbitMQ's reading of it, not pika 1.1.0's decoder (which read `B` as
 //! signed, `l` as unsigned and truncated floats).
@@ -135,7 +139,7 @@ pub enum FieldValue {
     I32(i32),
     /// `i`: unsigned 32-bit integer.
     U32(u32),
-    /// `l`: signed 64-bit integer.
+    /// `l`: signed 64-bit integer (also read from `L`, see the module docs).
     I64(i64),
     /// `f`: 32-bit IEEE float.
     F32(f32),
@@ -265,7 +269,9 @@ impl FieldValue {
             b'u' => FieldValue::U16(r.u16("u16 field")?),
             b'I' => FieldValue::I32(r.u32("i32 field")? as i32),
             b'i' => FieldValue::U32(r.u32("u32 field")?),
-            b'l' => FieldValue::I64(r.u64("i64 field")? as i64),
+            // `L` is what pika 1.3.0–1.3.2 write for ints below −2³¹;
+            // RabbitMQ reads it as signed 64-bit too. Re-encoded as `l`.
+            b'l' | b'L' => FieldValue::I64(r.u64("i64 field")? as i64),
             b'f' => FieldValue::F32(f32::from_bits(r.u32("f32 field")?)),
             b'd' => FieldValue::F64(f64::from_bits(r.u64("f64 field")?)),
             b'D' => {
@@ -451,6 +457,13 @@ impl FieldTable {
     pub(crate) fn read(r: &mut Reader<'_>, depth: usize) -> Result<FieldTable, CodecError> {
         check_depth(depth)?;
         let bytes = r.long_bytes("field table")?;
+        FieldTable::read_entries(bytes, depth)
+    }
+
+    /// Decodes the entries of a table whose length prefix was already
+    /// read: `bytes` is exactly the table's content.
+    fn read_entries(bytes: &[u8], depth: usize) -> Result<FieldTable, CodecError> {
+        check_depth(depth)?;
         let mut inner = Reader::new(bytes);
         let mut entries = Vec::new();
         while inner.remaining() > 0 {
@@ -468,6 +481,12 @@ impl WireField for FieldTable {
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, CodecError> {
         FieldTable::read(r, 0)
+    }
+    fn read_skippable(r: &mut Reader<'_>) -> Result<Result<Self, CodecError>, CodecError> {
+        // The table's own length says where the next field starts, so bad
+        // contents spoil only this field.
+        let bytes = r.long_bytes("field table")?;
+        Ok(FieldTable::read_entries(bytes, 0))
     }
 }
 
@@ -551,6 +570,20 @@ mod tests {
         assert_eq!(t.get("b"), Some(&FieldValue::I8(-1)));
         assert_eq!(t.get("c"), Some(&FieldValue::I64(-2)));
         assert_eq!(t.get("d"), Some(&FieldValue::F32(1.5)));
+    }
+
+    #[test]
+    fn capital_l_reads_as_signed_64_bit_and_is_written_back_as_l() {
+        // pika 1.3.0-1.3.2 write `L` for ints below -2^31.
+        let mut bytes = vec![0, 0, 0, 11, 1, b'n', b'L'];
+        bytes.extend_from_slice(&(-(1i64 << 40)).to_be_bytes());
+        let (t, used) = FieldTable::decode(&bytes).unwrap();
+        assert_eq!(used, bytes.len());
+        assert_eq!(t.get("n"), Some(&FieldValue::I64(-(1 << 40))));
+        let mut out = Vec::new();
+        t.encode(&mut out).unwrap();
+        bytes[6] = b'l';
+        assert_eq!(out, bytes);
     }
 
     #[test]

@@ -202,6 +202,13 @@ impl<'a> Writer<'a> {
 pub(crate) trait WireField: Sized {
     fn write(&self, w: &mut Writer<'_>) -> Result<(), CodecError>;
     fn read(r: &mut Reader<'_>) -> Result<Self, CodecError>;
+    /// Reads the field where bad contents need not spoil what follows (a
+    /// message's properties): the outer `Err` when the field's own length
+    /// overruns the input, so the next field cannot be found; `Ok(Err(_))`
+    /// when the field was skipped over but its contents do not decode.
+    fn read_skippable(r: &mut Reader<'_>) -> Result<Result<Self, CodecError>, CodecError> {
+        Self::read(r).map(Ok)
+    }
 }
 
 impl WireField for u8 {
@@ -261,6 +268,13 @@ impl WireField for String {
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, CodecError> {
         r.short_str("shortstr")
+    }
+    fn read_skippable(r: &mut Reader<'_>) -> Result<Result<Self, CodecError>, CodecError> {
+        let len = r.u8("shortstr")? as usize;
+        let bytes = r.take(len, "shortstr")?;
+        Ok(std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| CodecError::InvalidUtf8 { what: "shortstr" }))
     }
 }
 

@@ -12,7 +12,7 @@ use common::{OwnedFrame, RawSession};
 use pika::error::CodecError;
 use pika::frame::parse_frame;
 use pika::spec::{Method, channel, connection};
-use pika::{Decimal, FieldTable, FieldValue, LongString};
+use pika::{Decimal, FieldTable, FieldValue};
 
 fn expect_start(session: &mut RawSession) -> connection::Start {
     match session.read_method() {
@@ -114,39 +114,7 @@ fn every_type_table() -> FieldTable {
 
 /// Opens a connection whose client_properties hold every field type.
 fn handshake_with(client_properties: FieldTable, name: &str) -> RawSession {
-    let mut session = RawSession::open();
-    expect_start(&mut session);
-    let (user, password) = common::broker_credentials();
-    let mut props = client_properties;
-    props.insert("connection_name", name);
-    session.send(
-        0,
-        connection::StartOk {
-            client_properties: props,
-            mechanism: "PLAIN".into(),
-            response: LongString::from(format!("\0{user}\0{password}")),
-            locale: "en_US".into(),
-        },
-    );
-    let tune = match session.read_method() {
-        (0, Method::ConnectionTune(t)) => t,
-        other => panic!("expected Connection.Tune, got {other:?}"),
-    };
-    session.send(
-        0,
-        connection::TuneOk {
-            channel_max: tune.channel_max,
-            frame_max: tune.frame_max,
-            heartbeat: 0,
-        },
-    );
-    session.frame_max = tune.frame_max;
-    session.send(0, connection::Open::default());
-    match session.read_method() {
-        (0, Method::ConnectionOpenOk(_)) => {}
-        other => panic!("expected Connection.OpenOk, got {other:?}"),
-    }
-    session
+    RawSession::open_handshaken(client_properties, name)
 }
 
 #[test]

@@ -517,56 +517,128 @@ fn body_size_of_2_pow_63_is_not_allocated_and_the_client_stays_responsive() {
 // Broken field tables in a delivery's headers (RELIABILITY 18)
 // ----------------------------------------------------------------------
 
-fn delivery_with_raw_headers(table: &[u8]) -> (Error, Vec<OwnedFrame>) {
+/// What a consumer received of one delivery whose headers are `table`
+/// (raw bytes, length prefix included), after acking it from the
+/// consumer callback and closing the connection normally. Checks the
+/// broker's side saw the ack, then the client's own close.
+fn delivery_with_raw_headers(table: &[u8]) -> pika::Delivery {
     let mut bytes = deliver(TAG, 1);
     bytes.extend(header_with_raw_headers(4, table));
     bytes.extend(body_frame(b"body"));
-    let (error, _, frames) = consumer_receives(bytes);
-    (error, frames)
+    let fake = FakeBroker::start(move |mut conn| {
+        open_consumer(&mut conn);
+        conn.send_raw(&bytes);
+        let ack = conn.expect::<basic::Ack>(1);
+        assert_eq!(ack.delivery_tag, 1, "the client acked the delivery");
+        serve_close(&mut conn);
+    });
+    let received = Rc::new(RefCell::new(None));
+    let got = received.clone();
+    let (conn, outcome) = run_client(&fake, move |ch, _| {
+        ch.basic_consume(
+            "q",
+            move |ch, d| {
+                ch.basic_ack(d.method.delivery_tag, false).unwrap();
+                *got.borrow_mut() = Some(d);
+                ch.connection().unwrap().close(200, "done").unwrap();
+            },
+            BasicConsumeOptions {
+                consumer_tag: Some(TAG.into()),
+                ..Default::default()
+            },
+            |_, r| {
+                r.expect("consuming");
+            },
+        )
+        .unwrap();
+    });
+    let error = assert_clean(&conn, &outcome);
+    assert!(
+        matches!(
+            error,
+            Error::ConnectionClosedByClient {
+                reply_code: 200,
+                ..
+            }
+        ),
+        "the connection stayed open until the client closed it: {error:?}"
+    );
+    fake.join();
+    let delivery = received.borrow_mut().take();
+    delivery.expect("the message was delivered")
+}
+
+/// Checks a delivery carries an unreadable-headers report whose root
+/// error matches, the raw property bytes, and the body.
+#[track_caller]
+fn assert_unreadable_headers(
+    delivery: &pika::Delivery,
+    table: &[u8],
+    root: impl Fn(&CodecError) -> bool,
+) {
+    assert_eq!(delivery.body, b"body");
+    assert_eq!(delivery.properties.headers, None);
+    let problem = delivery
+        .properties_error
+        .as_ref()
+        .expect("the delivery says its properties did not decode");
+    assert!(root(problem.error.root()), "{:?}", problem.error);
+    assert!(
+        problem.error.to_string().contains("headers"),
+        "{}",
+        problem.error
+    );
+    let mut raw = BasicProperties::FLAG_HEADERS.to_be_bytes().to_vec();
+    raw.extend_from_slice(table);
+    assert_eq!(problem.raw_properties, raw);
 }
 
 #[test]
-fn headers_with_an_unknown_field_type_close_with_502() {
+fn headers_with_an_unknown_field_type_are_delivered_as_unreadable_and_the_connection_stays_open() {
     // {"k": 'Z' ...}
-    let (error, frames) = delivery_with_raw_headers(&raw_table(&[1, b'k', b'Z', 0, 0, 0, 0]));
-    let e = protocol_error(&error, &frames, 502);
-    assert!(
-        matches!(e, CodecError::UnknownFieldType { tag: b'Z' }),
-        "{e:?}"
-    );
+    let table = raw_table(&[1, b'k', b'Z', 0, 0, 0, 0]);
+    let d = delivery_with_raw_headers(&table);
+    assert_unreadable_headers(&d, &table, |e| {
+        matches!(e, CodecError::UnknownFieldType { tag: b'Z' })
+    });
 }
 
 #[test]
 fn headers_claiming_a_huge_table_length_close_with_502() {
+    // The table's own length overruns the frame: where the next property
+    // starts is lost, so this stays a connection error.
     let mut table = 0xFFFF_FFF0u32.to_be_bytes().to_vec();
     table.extend_from_slice(&[1, b'k', b'V']);
-    let (error, frames) = delivery_with_raw_headers(&table);
+    let mut bytes = deliver(TAG, 1);
+    bytes.extend(header_with_raw_headers(4, &table));
+    bytes.extend(body_frame(b"body"));
+    let (error, _, frames) = consumer_receives(bytes);
     let e = protocol_error(&error, &frames, 502);
     assert!(matches!(e, CodecError::Truncated { .. }), "{e:?}");
 }
 
 #[test]
-fn headers_with_a_huge_long_string_length_close_with_502() {
+fn headers_with_a_huge_long_string_length_are_delivered_as_unreadable() {
     let mut entry = vec![1, b'k', b'S'];
     entry.extend_from_slice(&0x7FFF_FFFFu32.to_be_bytes());
     entry.extend_from_slice(b"short");
-    let (error, frames) = delivery_with_raw_headers(&raw_table(&entry));
-    let e = protocol_error(&error, &frames, 502);
-    assert!(matches!(e, CodecError::Truncated { .. }), "{e:?}");
+    let table = raw_table(&entry);
+    let d = delivery_with_raw_headers(&table);
+    assert_unreadable_headers(&d, &table, |e| matches!(e, CodecError::Truncated { .. }));
 }
 
 #[test]
-fn headers_with_a_negative_byte_array_length_close_with_502() {
+fn headers_with_a_negative_byte_array_length_are_delivered_as_unreadable() {
     let mut entry = vec![1, b'k', b'x'];
     entry.extend_from_slice(&(-1i32).to_be_bytes());
     entry.extend_from_slice(b"abc");
-    let (error, frames) = delivery_with_raw_headers(&raw_table(&entry));
-    let e = protocol_error(&error, &frames, 502);
-    assert!(matches!(e, CodecError::Truncated { .. }), "{e:?}");
+    let table = raw_table(&entry);
+    let d = delivery_with_raw_headers(&table);
+    assert_unreadable_headers(&d, &table, |e| matches!(e, CodecError::Truncated { .. }));
 }
 
 #[test]
-fn headers_nested_too_deep_close_with_502() {
+fn headers_nested_too_deep_are_delivered_as_unreadable() {
     fn nest(depth: usize) -> Vec<u8> {
         if depth == 0 {
             return raw_table(&[]);
@@ -575,19 +647,135 @@ fn headers_nested_too_deep_close_with_502() {
         entry.extend(nest(depth - 1));
         raw_table(&entry)
     }
-    let (error, frames) = delivery_with_raw_headers(&nest(pika::table::MAX_TABLE_DEPTH + 8));
-    let e = protocol_error(&error, &frames, 502);
-    assert!(matches!(e, CodecError::TableTooDeep { .. }), "{e:?}");
+    let table = nest(pika::table::MAX_TABLE_DEPTH + 8);
+    let d = delivery_with_raw_headers(&table);
+    assert_unreadable_headers(&d, &table, |e| matches!(e, CodecError::TableTooDeep { .. }));
 }
 
 #[test]
-fn headers_with_an_array_claiming_more_than_the_table_holds_close_with_502() {
+fn headers_with_an_array_claiming_more_than_the_table_holds_are_delivered_as_unreadable() {
     let mut entry = vec![1, b'k', b'A'];
     entry.extend_from_slice(&1000u32.to_be_bytes());
     entry.extend_from_slice(&[b'I', 0, 0, 0, 1]);
-    let (error, frames) = delivery_with_raw_headers(&raw_table(&entry));
-    let e = protocol_error(&error, &frames, 502);
-    assert!(matches!(e, CodecError::Truncated { .. }), "{e:?}");
+    let table = raw_table(&entry);
+    let d = delivery_with_raw_headers(&table);
+    assert_unreadable_headers(&d, &table, |e| matches!(e, CodecError::Truncated { .. }));
+}
+
+#[test]
+fn a_returned_message_with_unreadable_headers_reaches_the_return_callback() {
+    // Only the publishing connection sees a Basic.Return: the fake broker
+    // returns the client's mandatory publish with a broken headers table.
+    let table = raw_table(&[1, b'k', b'Z', 0, 0, 0, 0]);
+    let raw_headers = table.clone();
+    let fake = FakeBroker::start(move |mut conn| {
+        open_channel(&mut conn);
+        assert_eq!(read_publish(&mut conn), b"body");
+        let mut bytes = method_frame(
+            1,
+            basic::Return {
+                reply_code: 312,
+                reply_text: "NO_ROUTE".into(),
+                exchange: "".into(),
+                routing_key: "nowhere".into(),
+            },
+        );
+        bytes.extend(header_with_raw_headers(4, &raw_headers));
+        bytes.extend(body_frame(b"body"));
+        conn.send_raw(&bytes);
+        serve_close(&mut conn);
+    });
+    let returned = Rc::new(RefCell::new(None));
+    let got = returned.clone();
+    let (conn, outcome) = run_client(&fake, move |ch, _| {
+        ch.add_on_return_callback(move |ch, m| {
+            *got.borrow_mut() = Some(m.clone());
+            ch.connection().unwrap().close(200, "done").unwrap();
+        });
+        ch.basic_publish("", "nowhere", b"body", &BasicProperties::default(), true)
+            .unwrap();
+    });
+    let error = assert_clean(&conn, &outcome);
+    assert!(
+        matches!(
+            error,
+            Error::ConnectionClosedByClient {
+                reply_code: 200,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    fake.join();
+    let m = returned
+        .borrow_mut()
+        .take()
+        .expect("the return callback ran");
+    assert_eq!(m.method.reply_code, 312);
+    assert_eq!(m.body, b"body");
+    let problem = m.properties_error.expect("unreadable properties reported");
+    assert!(
+        matches!(
+            problem.error.root(),
+            CodecError::UnknownFieldType { tag: b'Z' }
+        ),
+        "{:?}",
+        problem.error
+    );
+}
+
+#[test]
+fn a_got_message_with_unreadable_headers_reaches_the_get_callback() {
+    let table = raw_table(&[1, b'k', b'Z', 0, 0, 0, 0]);
+    let raw_headers = table.clone();
+    let fake = FakeBroker::start(move |mut conn| {
+        open_channel(&mut conn);
+        conn.expect::<basic::Get>(1);
+        let mut bytes = method_frame(
+            1,
+            basic::GetOk {
+                delivery_tag: 1,
+                routing_key: "q".into(),
+                message_count: 0,
+                ..Default::default()
+            },
+        );
+        bytes.extend(header_with_raw_headers(4, &raw_headers));
+        bytes.extend(body_frame(b"body"));
+        conn.send_raw(&bytes);
+        let ack = conn.expect::<basic::Ack>(1);
+        assert_eq!(ack.delivery_tag, 1);
+        serve_close(&mut conn);
+    });
+    let got = Rc::new(RefCell::new(None));
+    let slot = got.clone();
+    let (conn, outcome) = run_client(&fake, move |ch, _| {
+        ch.basic_get("q", false, move |ch, r| {
+            let m = r.expect("get ok").expect("a message");
+            ch.basic_ack(m.method.delivery_tag, false).unwrap();
+            *slot.borrow_mut() = Some(m);
+            ch.connection().unwrap().close(200, "done").unwrap();
+        })
+        .unwrap();
+    });
+    let error = assert_clean(&conn, &outcome);
+    assert!(
+        matches!(
+            error,
+            Error::ConnectionClosedByClient {
+                reply_code: 200,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    fake.join();
+    let m = got.borrow_mut().take().expect("the get callback ran");
+    assert_eq!(m.body, b"body");
+    let problem = m.properties_error.expect("unreadable properties reported");
+    let mut raw = BasicProperties::FLAG_HEADERS.to_be_bytes().to_vec();
+    raw.extend_from_slice(&table);
+    assert_eq!(problem.raw_properties, raw);
 }
 
 // ----------------------------------------------------------------------

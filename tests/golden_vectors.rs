@@ -198,3 +198,66 @@ fn field_table_of_every_type_pika_encodes_matches_byte_for_byte() {
     let tags: String = decoded.iter().map(|(_, v)| v.tag() as char).collect();
     assert_eq!(tags, "ttIIllDTSSxAFV");
 }
+
+// ----------------------------------------------------------------------
+// pika 1.3.2's `L` and raw-octet short strings (tests/golden/make_golden_pika132.py)
+// ----------------------------------------------------------------------
+
+fn pika132_header(name: &str) -> pika::frame::ContentHeader {
+    let bytes = golden(name);
+    match parse_frame(&bytes, FRAME_MIN_SIZE).unwrap().unwrap() {
+        (Frame::Header { channel: 1, header }, used) if used == bytes.len() => header,
+        other => panic!("{name} is not one content header frame: {other:?}"),
+    }
+}
+
+#[test]
+fn pika_1_3_2_long_l_headers_decode_as_i64_and_reencode_as_l() {
+    let header = pika132_header("pika132_header_long_l.hex");
+    assert_eq!(header.properties_error, None);
+    assert_eq!(header.body_size, 4);
+    let props = &header.properties;
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+    let headers = props.headers.as_ref().expect("headers");
+    assert_eq!(headers.get("big-neg"), Some(&FieldValue::I64(-(1 << 40))));
+    assert_eq!(
+        headers.get("small-neg"),
+        Some(&FieldValue::I64(-(1i64 << 31) - 1))
+    );
+    assert_eq!(headers.get("x"), Some(&FieldValue::I32(5)));
+    // 2^63 + 5 was packed unsigned under `l`: it reads back negative, as
+    // RabbitMQ reads it.
+    assert_eq!(
+        headers.get("huge"),
+        Some(&FieldValue::I64(((1u64 << 63) + 5) as i64))
+    );
+    // Written back, the `L` entries carry `l` and nothing else changes.
+    let mut ours = Vec::new();
+    pika::frame::encode_content_header(&mut ours, 1, 60, 4, props, FRAME_MIN_SIZE).unwrap();
+    let expected: Vec<u8> = {
+        let mut b = golden("pika132_header_long_l.hex");
+        for key in [&b"\x07big-neg"[..], &b"\x09small-neg"[..]] {
+            let at = b.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+            assert_eq!(b[at], b'L');
+            b[at] = b'l';
+        }
+        b
+    };
+    assert_eq!(ours, expected);
+}
+
+#[test]
+fn pika_1_3_2_raw_octet_content_type_is_reported_not_fatal() {
+    let header = pika132_header("pika132_header_ctype_ff.hex");
+    assert_eq!(header.body_size, 4);
+    assert_eq!(header.properties.content_type, None);
+    let problem = header
+        .properties_error
+        .expect("the bad content_type is reported");
+    assert!(
+        problem.error.to_string().contains("content_type"),
+        "{}",
+        problem.error
+    );
+    assert_eq!(problem.raw_properties, [0x80, 0x00, 0x01, 0xFF]);
+}

@@ -427,3 +427,97 @@ fn encode_publish_writes_the_same_bytes_as_encode_message() {
     );
     assert_eq!(out, [1]);
 }
+
+/// A content header payload (class 60, weight 0, body size 4) with the
+/// given property flags and property bytes.
+fn header_payload(flags: u16, properties: &[u8]) -> Vec<u8> {
+    let mut p = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4];
+    p.extend_from_slice(&flags.to_be_bytes());
+    p.extend_from_slice(properties);
+    p
+}
+
+#[test]
+fn a_header_table_that_does_not_decode_is_skipped_and_the_later_properties_still_read() {
+    // headers = {"k": 'Z' ...} (unknown tag, the table's length fits), then
+    // delivery_mode 2 and correlation_id "c".
+    let table = [0, 0, 0, 7, 1, b'k', b'Z', 0, 0, 0, 0];
+    let mut props = table.to_vec();
+    props.extend_from_slice(&[2, 1, b'c']);
+    let flags = BasicProperties::FLAG_HEADERS
+        | BasicProperties::FLAG_DELIVERY_MODE
+        | BasicProperties::FLAG_CORRELATION_ID;
+    let payload = header_payload(flags, &props);
+    let header = decode_content_header(&payload).unwrap();
+    assert_eq!(header.properties.headers, None);
+    assert_eq!(header.properties.delivery_mode, Some(2));
+    assert_eq!(header.properties.correlation_id.as_deref(), Some("c"));
+    let problem = header.properties_error.unwrap();
+    assert!(
+        matches!(
+            problem.error.root(),
+            CodecError::UnknownFieldType { tag: b'Z' }
+        ),
+        "{:?}",
+        problem.error
+    );
+    assert!(
+        problem.error.to_string().contains("headers"),
+        "{}",
+        problem.error
+    );
+    assert_eq!(problem.raw_properties, payload[12..]);
+}
+
+#[test]
+fn the_first_unreadable_property_is_the_one_reported() {
+    // content_type 0xFF (not UTF-8), then headers with an unknown tag.
+    let mut props = vec![1, 0xFF];
+    props.extend_from_slice(&[0, 0, 0, 7, 1, b'k', b'Z', 0, 0, 0, 0]);
+    let flags = BasicProperties::FLAG_CONTENT_TYPE | BasicProperties::FLAG_HEADERS;
+    let header = decode_content_header(&header_payload(flags, &props)).unwrap();
+    let problem = header.properties_error.unwrap();
+    assert!(
+        matches!(problem.error.root(), CodecError::InvalidUtf8 { .. }),
+        "{:?}",
+        problem.error
+    );
+    assert_eq!(header.properties, BasicProperties::default());
+}
+
+#[test]
+fn a_property_whose_length_overruns_the_frame_still_fails_the_header() {
+    // A table claiming far more bytes than the frame holds.
+    let mut props = 0xFFFF_FFF0u32.to_be_bytes().to_vec();
+    props.extend_from_slice(&[1, b'k', b'V']);
+    let err =
+        decode_content_header(&header_payload(BasicProperties::FLAG_HEADERS, &props)).unwrap_err();
+    assert!(
+        matches!(err.root(), CodecError::Truncated { .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.reply_code(), 502);
+    // A short string claiming more than is left.
+    let err = decode_content_header(&header_payload(
+        BasicProperties::FLAG_CONTENT_TYPE,
+        &[9, b'a'],
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(err.root(), CodecError::Truncated { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_well_formed_header_reports_no_properties_error() {
+    let mut out = Vec::new();
+    encode_content_header(&mut out, 1, 60, 3, &all_properties(), FRAME_MIN_SIZE).unwrap();
+    match parse_frame(&out, FRAME_MIN_SIZE).unwrap().unwrap().0 {
+        Frame::Header { header, .. } => {
+            assert_eq!(header.properties, all_properties());
+            assert_eq!(header.properties_error, None);
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -57,7 +57,14 @@ macro_rules! basic_properties {
                 Ok(())
             }
 
-            pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self, CodecError> {
+            /// Reads the flags word and the properties it names. A property
+            /// whose own length fits the input but whose contents do not
+            /// decode (a table with an unknown type tag, a short string that
+            /// is not UTF-8) is left unset and reported as the second value
+            /// (the first such error); the properties after it are still
+            /// read. Only input whose structure is lost — bad flags, a
+            /// length overrunning the input — is an `Err`.
+            pub(crate) fn read(r: &mut Reader<'_>) -> Result<(Self, Option<CodecError>), CodecError> {
                 let flags = r.u16("property flags")?;
                 // Bit 0 is the continuation flag (another flags word
                 // follows); bits 1 and 0 name no Basic property.
@@ -65,13 +72,19 @@ macro_rules! basic_properties {
                     return Err(CodecError::BadPropertyFlags { flags });
                 }
                 let mut props = BasicProperties::default();
+                let mut unreadable = None;
                 $(
                     if flags & $flag != 0 {
-                        props.$field = Some(WireField::read(r)
-                            .map_err(|e| e.in_field("BasicProperties", stringify!($field)))?);
+                        let in_field = |e: CodecError| e.in_field("BasicProperties", stringify!($field));
+                        match WireField::read_skippable(r).map_err(in_field)? {
+                            Ok(value) => props.$field = Some(value),
+                            Err(e) => {
+                                unreadable.get_or_insert(in_field(e));
+                            }
+                        }
                     }
                 )*
-                Ok(props)
+                Ok((props, unreadable))
             }
 
             #[cfg(test)]
@@ -110,4 +123,30 @@ basic_properties! {
     app_id: String, FLAG_APP_ID = 0x0008, with_app_id, "shortstr";
     /// Deprecated cluster id.
     cluster_id: String, FLAG_CLUSTER_ID = 0x0004, with_cluster_id, "shortstr";
+}
+
+/// Message properties that did not all decode: a delivered, fetched or
+/// returned message still reaches the application with the properties that
+/// did (the others unset) and this, so it can be acked, rejected or
+/// dead-lettered instead of killing the connection.
+///
+/// ```
+/// use pika::frame::decode_content_header;
+///
+/// // class 60, weight 0, body size 4, flags: content_type; content_type is
+/// // the single byte 0xFF, which is not UTF-8.
+/// let payload = [0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0x80, 0, 1, 0xFF];
+/// let header = decode_content_header(&payload).unwrap();
+/// assert_eq!(header.properties.content_type, None);
+/// let problem = header.properties_error.unwrap();
+/// assert!(problem.error.to_string().contains("content_type"));
+/// assert_eq!(problem.raw_properties, [0x80, 0, 1, 0xFF]);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct PropertiesError {
+    /// What was wrong with the first property that did not decode (it names
+    /// the property).
+    pub error: CodecError,
+    /// The property bytes as received: the flags word and every property.
+    pub raw_properties: Vec<u8>,
 }

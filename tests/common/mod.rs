@@ -8,7 +8,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use pika::frame::{FRAME_MIN_SIZE, PROTOCOL_HEADER, encode_method, parse_frame};
-use pika::spec::Method;
+use pika::spec::{Method, connection};
+use pika::{FieldTable, LongString};
 
 const HOW_TO_GET_A_BROKER: &str = "run the tests through the project's broker script, \
      `scripts/with-broker scripts/test` (it installs and starts a private RabbitMQ), \
@@ -120,6 +121,111 @@ impl RawSession {
     /// Sends raw bytes.
     pub fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Connects and runs the whole handshake by hand (PLAIN with
+    /// `AMQP_URL`'s credentials, the broker's channel_max and frame_max, no
+    /// heartbeats), with `client_properties` plus `connection_name`.
+    pub fn open_handshaken(client_properties: FieldTable, name: &str) -> RawSession {
+        let mut session = RawSession::open();
+        match session.read_method() {
+            (0, Method::ConnectionStart(_)) => {}
+            other => panic!("expected Connection.Start on channel 0, got {other:?}"),
+        }
+        let (user, password) = broker_credentials();
+        let mut props = client_properties;
+        props.insert("connection_name", name);
+        session.send(
+            0,
+            connection::StartOk {
+                client_properties: props,
+                mechanism: "PLAIN".into(),
+                response: LongString::from(format!("\0{user}\0{password}")),
+                locale: "en_US".into(),
+            },
+        );
+        let tune = match session.read_method() {
+            (0, Method::ConnectionTune(t)) => t,
+            other => panic!("expected Connection.Tune, got {other:?}"),
+        };
+        session.send(
+            0,
+            connection::TuneOk {
+                channel_max: tune.channel_max,
+                frame_max: tune.frame_max,
+                heartbeat: 0,
+            },
+        );
+        session.frame_max = tune.frame_max;
+        session.send(0, connection::Open::default());
+        match session.read_method() {
+            (0, Method::ConnectionOpenOk(_)) => {}
+            other => panic!("expected Connection.OpenOk, got {other:?}"),
+        }
+        session
+    }
+
+    /// Publishes through the broker with a content header given as raw
+    /// frame bytes (a golden vector, or a header our encoder would not
+    /// write), on `channel` (opened here if `open_channel`), then waits for
+    /// the publish to be confirmed so the message is in the queue when this
+    /// returns.
+    pub fn publish_raw_header(
+        &mut self,
+        channel: u16,
+        routing_key: &str,
+        header_frame: &[u8],
+        body: &[u8],
+    ) {
+        self.send(channel, pika::spec::channel::Open::default());
+        match self.read_method() {
+            (c, Method::ChannelOpenOk(_)) if c == channel => {}
+            other => panic!("expected Channel.OpenOk, got {other:?}"),
+        }
+        self.send(channel, pika::spec::confirm::Select { nowait: false });
+        match self.read_method() {
+            (c, Method::ConfirmSelectOk(_)) if c == channel => {}
+            other => panic!("expected Confirm.SelectOk, got {other:?}"),
+        }
+        self.send(
+            channel,
+            pika::spec::basic::Publish {
+                routing_key: routing_key.into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(header_frame[0], 2, "a content header frame");
+        assert_eq!(
+            u16::from_be_bytes([header_frame[1], header_frame[2]]),
+            channel,
+            "the header frame is on channel {channel}"
+        );
+        self.send_raw(header_frame);
+        let mut frames = Vec::new();
+        pika::frame::encode_body(&mut frames, channel, body, self.frame_max);
+        self.send_raw(&frames);
+        match self.read_method() {
+            (c, Method::BasicAck(ack)) if c == channel && ack.delivery_tag == 1 => {}
+            other => panic!("expected the broker's Basic.Ack of the raw publish, got {other:?}"),
+        }
+    }
+
+    /// Closes the connection with a Close handshake.
+    pub fn close(mut self) {
+        self.send(
+            0,
+            connection::Close {
+                reply_code: 200,
+                reply_text: "done".into(),
+                ..Default::default()
+            },
+        );
+        loop {
+            match self.read_method() {
+                (0, Method::ConnectionCloseOk(_)) => return,
+                _ => continue,
+            }
+        }
     }
 }
 
