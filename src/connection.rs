@@ -55,6 +55,12 @@
 //! * **Malformed frames** from the broker are answered with Connection.Close
 //!   carrying the spec's reply code (501, 502, 503, 505), then the socket
 //!   is closed without waiting, and the error reaches the user.
+//! * **A broker Close wins over a transport error.** When a write or read
+//!   fails, every byte still readable is read and handled first (over TLS,
+//!   every record received and the plaintext rustls holds): a
+//!   Connection.Close the broker sent before the stream broke ends the
+//!   connection as [`Error::ConnectionClosedByBroker`] with its reply code
+//!   and text, not as [`Error::StreamLost`].
 //! * **Our close** closes open channels first, then sends Connection.Close;
 //!   the whole handshake is bounded by `socket_timeout` (10 s when unset):
 //!   a broker that never answers does not keep `close()` from finishing.
@@ -1153,36 +1159,21 @@ impl SelectConnection {
 
     fn read_some(&self) {
         for _ in 0..READS_PER_EVENT {
-            let result = {
-                let mut st = self.shared.state.borrow_mut();
-                let Some(s) = st.session.as_mut() else { return };
-                if s.inbound.len() - s.inbound_end < READ_CHUNK {
-                    // Move the unparsed tail to the front, then grow if a
-                    // frame larger than the buffer is arriving.
-                    s.inbound.copy_within(s.inbound_start..s.inbound_end, 0);
-                    s.inbound_end -= s.inbound_start;
-                    s.inbound_start = 0;
-                    if s.inbound.len() - s.inbound_end < READ_CHUNK {
-                        let grown = s.inbound_end + READ_CHUNK;
-                        s.inbound.resize(grown, 0);
-                    }
-                }
-                s.read_in()
-            };
-            match result {
-                Ok(0) => {
+            match self.read_once() {
+                None => return,
+                Some(Ok(0)) => {
                     self.on_stream_end(None);
                     return;
                 }
-                Ok(n) => {
+                Some(Ok(n)) => {
                     self.process_inbound();
                     if n < READ_CHUNK {
                         return;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Some(Err(e)) => {
                     match tls_failure(&e) {
                         Some(reason) => self.tls_failed(reason),
                         None => self.on_stream_end(Some(e)),
@@ -1191,6 +1182,57 @@ impl SelectConnection {
                 }
             }
         }
+    }
+
+    /// One read into the read buffer (made room for first); `None` when
+    /// there is no session.
+    fn read_once(&self) -> Option<io::Result<usize>> {
+        let mut st = self.shared.state.borrow_mut();
+        let s = st.session.as_mut()?;
+        if s.inbound.len() - s.inbound_end < READ_CHUNK {
+            // Move the unparsed tail to the front, then grow if a frame
+            // larger than the buffer is arriving.
+            s.inbound.copy_within(s.inbound_start..s.inbound_end, 0);
+            s.inbound_end -= s.inbound_start;
+            s.inbound_start = 0;
+            if s.inbound.len() - s.inbound_end < READ_CHUNK {
+                let grown = s.inbound_end + READ_CHUNK;
+                s.inbound.resize(grown, 0);
+            }
+        }
+        Some(s.read_in())
+    }
+
+    /// A write failed: before the failure decides how the connection ends,
+    /// reads and handles every byte still readable (over TLS, every record
+    /// and the plaintext rustls holds), so that what the broker sent before
+    /// the stream broke — its Connection.Close above all — is heard. A
+    /// broker Close received before the end of the stream always wins over
+    /// the transport error. Returns whether the connection is still
+    /// undecided (then the caller reports `error`).
+    fn drain_before_failing(&self) -> bool {
+        let generation = self.session_generation();
+        loop {
+            match self.read_once() {
+                Some(Ok(n)) if n > 0 => self.process_inbound(),
+                Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The end, an error, or nothing more to read: decided below.
+                _ => break,
+            }
+            if self.session_generation() != generation || self.state() == ConnectionState::Closed {
+                return false;
+            }
+        }
+        self.session_generation() == generation && self.state() != ConnectionState::Closed
+    }
+
+    fn session_generation(&self) -> Option<u64> {
+        self.shared
+            .state
+            .borrow()
+            .session
+            .as_ref()
+            .map(|s| s.generation)
     }
 
     /// Parses and handles every whole frame in the inbound buffer, one at a
@@ -1913,6 +1955,9 @@ impl SelectConnection {
         if let Err(e) = result {
             if let Some(reason) = tls_failure(&e) {
                 self.tls_failed(reason);
+                return;
+            }
+            if !self.drain_before_failing() {
                 return;
             }
             let phase = self.state();

@@ -1309,3 +1309,83 @@ fn broker_silent_with_the_socket_open_is_a_heartbeat_timeout_after_twice_the_tim
     assert_eq!(outcome.len(), events, "{:?}", outcome.events());
     assert_eq!(proxy.bytes(ClientToBroker), bytes);
 }
+
+// ----------------------------------------------------------------------
+// A broker Close wins over the write error that follows it
+// ----------------------------------------------------------------------
+
+/// The broker closes with 320 and drops the socket while the client is
+/// flooding it with 64 KiB publishes: the Close is in the client's receive
+/// buffer when its next write fails (the broker's RST makes it fail).
+/// Three ways, each repeated to catch every interleaving of the write
+/// failure and the read: the Close alone; the Close behind 2 MiB of
+/// heartbeats (more than one socket event reads); and the client's loop
+/// held in a callback while the Close and the RST arrive, so that its next
+/// socket event finds both at once (deterministic).
+#[test]
+fn a_broker_close_while_the_client_floods_is_reported_with_the_brokers_words() {
+    const RUNS: usize = 90;
+    let mut lost = Vec::new();
+    for run in 0..RUNS {
+        let variant = run % 3;
+        let hold = Arc::new(common::LoopHold::default());
+        let h = hold.clone();
+        let fake = FakeBroker::start(move |mut conn| {
+            conn.handshake(rabbitmq_tune());
+            conn.expect::<channel::Open>(1);
+            conn.send_method(1, channel::OpenOk::default());
+            common::read_published_bytes(&mut conn, 512 * 1024);
+            match variant {
+                1 => {
+                    let heartbeat = [8, 0, 0, 0, 0, 0, 0, 0xCE];
+                    conn.send_raw(&heartbeat.repeat(256 * 1024));
+                    conn.wait_until_sent(LIMIT);
+                }
+                2 => h.hold_client(LIMIT),
+                _ => {}
+            }
+            conn.send_method(
+                0,
+                connection::Close {
+                    reply_code: 320,
+                    reply_text: "CONNECTION_FORCED - broker forced connection closure".into(),
+                    class_id: 0,
+                    method_id: 0,
+                },
+            );
+            // The Close is in the client's receive buffer before the RST.
+            conn.wait_until_sent(LIMIT);
+            conn.close_with_unread_input();
+            drop(conn);
+            h.release();
+        });
+        let mut params = ConnectionParameters::default();
+        params
+            .set_host("127.0.0.1")
+            .unwrap()
+            .set_port(fake.addr().port())
+            .unwrap();
+        let (conn, outcome) = connect(params, move |conn| {
+            conn.channel(None, move |r| {
+                common::flood(&r.expect("channel opens"), move || {
+                    hold.hold_if_asked(LIMIT)
+                })
+            })
+            .unwrap();
+        });
+        run_loop(conn.ioloop(), LIMIT);
+        let error = assert_clean(&conn, &outcome);
+        fake.join();
+        match error {
+            Error::ConnectionClosedByBroker {
+                reply_code: 320, ..
+            } => {}
+            other => lost.push((run, other)),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {RUNS} runs lost the broker's Close: {lost:?}",
+        lost.len()
+    );
+}

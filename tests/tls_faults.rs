@@ -468,6 +468,180 @@ fn close_notify_right_after_the_handshake_is_incompatible_protocol() {
 }
 
 // ---------------------------------------------------------------------
+// A broker Close over TLS wins over the write error that follows it
+// ---------------------------------------------------------------------
+
+/// An AMQP broker over TLS, for one client: reads frames from the
+/// decrypted stream with the project's codec.
+struct TlsBroker {
+    stream: StreamOwned<ServerConnection, TcpStream>,
+    buffer: Vec<u8>,
+}
+
+impl TlsBroker {
+    fn read_frame(&mut self) -> common::OwnedFrame {
+        loop {
+            if let Some((frame, used)) =
+                pika::frame::parse_frame(&self.buffer, 0).expect("the client's frames decode")
+            {
+                let owned = common::OwnedFrame::from_frame(frame);
+                self.buffer.drain(..used);
+                return owned;
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            let n = self.stream.read(&mut chunk).expect("the client's bytes");
+            assert!(n > 0, "the client closed the connection");
+            self.buffer.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn read_method(&mut self) -> pika::spec::Method {
+        loop {
+            if let common::OwnedFrame::Method(_, m) = self.read_frame() {
+                return m;
+            }
+        }
+    }
+
+    fn send(&mut self, channel: u16, method: impl Into<pika::spec::Method>) {
+        let mut out = Vec::new();
+        pika::frame::encode_method(&mut out, channel, &method.into(), 0).unwrap();
+        self.stream.write_all(&out).expect("send to the client");
+        self.stream.flush().expect("flush to the client");
+    }
+}
+
+/// Serves one client over TLS: the handshake and channel 1, then, once
+/// 512 KiB of the client's publishes are in, Connection.Close (320) with
+/// nothing more read, and the socket closed with the client's input unread
+/// (a RST) once the Close is in the client's receive buffer. With
+/// `hold`, the client's loop is held while the Close and the RST arrive.
+fn close_under_load(
+    listener: &TcpListener,
+    config: Arc<ServerConfig>,
+    hold: Option<&common::LoopHold>,
+) {
+    use pika::spec::{Method, channel, connection};
+    let (mut socket, _) = listener.accept().expect("the client connects");
+    socket.set_read_timeout(Some(LIMIT / 2)).unwrap();
+    let mut tls = ServerConnection::new(config).expect("a server session");
+    while tls.is_handshaking() {
+        tls.complete_io(&mut socket).expect("the TLS handshake");
+    }
+    let mut broker = TlsBroker {
+        stream: StreamOwned::new(tls, socket),
+        buffer: Vec::new(),
+    };
+    let mut header = [0u8; 8];
+    broker.stream.read_exact(&mut header).unwrap();
+    broker.send(0, common::fake_broker::rabbitmq_start());
+    assert!(matches!(broker.read_method(), Method::ConnectionStartOk(_)));
+    broker.send(0, common::fake_broker::rabbitmq_tune());
+    assert!(matches!(broker.read_method(), Method::ConnectionTuneOk(_)));
+    assert!(matches!(broker.read_method(), Method::ConnectionOpen(_)));
+    broker.send(0, connection::OpenOk::default());
+    assert!(matches!(broker.read_method(), Method::ChannelOpen(_)));
+    broker.send(1, channel::OpenOk::default());
+    let mut seen = 0;
+    while seen < 512 * 1024 {
+        if let common::OwnedFrame::Body(_, payload) = broker.read_frame() {
+            seen += payload.len();
+        }
+    }
+    if let Some(hold) = hold {
+        hold.hold_client(LIMIT);
+    }
+    broker.send(
+        0,
+        connection::Close {
+            reply_code: 320,
+            reply_text: "CONNECTION_FORCED - broker forced connection closure".into(),
+            class_id: 0,
+            method_id: 0,
+        },
+    );
+    common::wait_until_sent(&broker.stream.sock, LIMIT);
+    // No close_notify: the socket goes with the client's input unread.
+    drop(broker);
+    if let Some(hold) = hold {
+        hold.release();
+    }
+}
+
+/// The TLS form of the plain-TCP test in `tests/faults.rs`: the broker's
+/// Close, decrypted from records already received, wins over the write
+/// error the RST causes — half of the runs with the client's loop held
+/// while the Close and the RST arrive.
+#[test]
+fn a_broker_close_over_tls_while_the_client_floods_is_reported_with_the_brokers_words() {
+    const RUNS: usize = 40;
+    let ca = TestCa::new();
+    let mut lost = Vec::new();
+    for run in 0..RUNS {
+        let identity = ca.server_identity(-1, 30);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let config = Arc::new(
+            ServerConfig::builder_with_provider(ring())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(identity.chain, identity.key)
+                .unwrap(),
+        );
+        let hold = Arc::new(common::LoopHold::default());
+        let held = run % 2 == 1;
+        let h = hold.clone();
+        let server =
+            thread::spawn(move || close_under_load(&listener, config, held.then_some(&*h)));
+        let errors = run_flood(test_server_params(port, ca.trusted()), hold);
+        join_within(server, LIMIT, "the TLS broker");
+        match errors.as_slice() {
+            [
+                Error::ConnectionClosedByBroker {
+                    reply_code: 320, ..
+                },
+            ] => {}
+            other => lost.push((run, other.to_vec())),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {RUNS} runs lost the broker's Close: {lost:?}",
+        lost.len()
+    );
+}
+
+/// Opens a channel and floods it until the connection ends; returns the
+/// terminal errors (one expected).
+fn run_flood(params: ConnectionParameters, hold: Arc<common::LoopHold>) -> Vec<Error> {
+    let errors = Rc::new(RefCell::new(Vec::new()));
+    let (e1, e2) = (errors.clone(), errors.clone());
+    let conn = SelectConnection::new(
+        params,
+        move |conn| {
+            conn.channel(None, move |r| {
+                common::flood(&r.expect("a channel opens"), move || {
+                    hold.hold_if_asked(LIMIT)
+                })
+            })
+            .expect("open");
+        },
+        move |conn, e| {
+            e1.borrow_mut().push(e);
+            conn.ioloop().stop();
+        },
+        move |conn, e| {
+            e2.borrow_mut().push(e);
+            conn.ioloop().stop();
+        },
+    )
+    .expect("a connection is created");
+    run_loop(conn.ioloop(), LIMIT);
+    errors.take()
+}
+
+// ---------------------------------------------------------------------
 // The broker's TLS port, through the proxy
 // ---------------------------------------------------------------------
 

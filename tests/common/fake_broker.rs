@@ -339,6 +339,29 @@ impl Drop for FakeBroker {
     }
 }
 
+/// Waits until every byte written to `stream` has left its send queue (the
+/// kernel's SIOCOUTQ is 0): it is in the peer's receive buffer, so a RST
+/// sent now cannot discard it. Panics after `bound`.
+pub fn wait_until_sent(stream: &TcpStream, bound: Duration) {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (= SIOCOUTQ on Linux) writes one int through the
+        // pointer, which points at a live c_int.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        assert_eq!(rc, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+        if queued == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{queued} bytes still unsent after {bound:?}"
+        );
+        std::thread::yield_now();
+    }
+}
+
 /// The broker's side of one connection, for a script.
 ///
 /// Reads panic with a clear message when the client sends nothing for
@@ -661,6 +684,21 @@ impl FakeConn {
         socket2::SockRef::from(&self.stream)
             .set_linger(Some(Duration::ZERO))
             .expect("fake broker: set SO_LINGER 0");
+        self.reset_on_drop = true;
+    }
+
+    /// Waits until every byte sent so far is in the client's receive
+    /// buffer (see [`wait_until_sent`]).
+    pub fn wait_until_sent(&self, bound: Duration) {
+        wait_until_sent(&self.stream, bound);
+    }
+
+    /// Makes the end of the script close the socket with the client's
+    /// unread input still in it, as a broker does that closes on a client
+    /// still writing: the kernel answers with a RST, and the client's next
+    /// write fails (EPIPE or ECONNRESET) although what was sent before is
+    /// in its receive buffer.
+    pub fn close_with_unread_input(&mut self) {
         self.reset_on_drop = true;
     }
 

@@ -293,3 +293,97 @@ pub fn broker_connection_info(local_port: u16, columns: &[&str]) -> Option<Vec<S
 
 pub mod fake_broker;
 pub mod proxy;
+
+/// Publishes 64 KiB messages on `channel` without pause for as long as it
+/// is open, keeping about 1 MiB in the outbound buffer: a client busy
+/// writing, for the tests of what it reports when the peer goes away.
+/// `each_turn` runs on the loop between batches (to pause the loop on
+/// cue, for instance).
+pub fn flood(channel: &pika::Channel, each_turn: impl FnMut() + 'static) {
+    static BODY: [u8; 64 * 1024] = [7; 64 * 1024];
+    fn turn(channel: pika::Channel, mut each_turn: impl FnMut() + 'static) {
+        let Some(conn) = channel.connection() else {
+            return;
+        };
+        each_turn();
+        let props = pika::BasicProperties::default();
+        while channel.is_open() && conn.outbound_buffer_size() < 1 << 20 {
+            if channel
+                .basic_publish("", "flood", &BODY, &props, false)
+                .is_err()
+            {
+                return;
+            }
+        }
+        if channel.is_open() {
+            let lp = conn.ioloop().clone();
+            lp.call_later(std::time::Duration::from_millis(1), move || {
+                turn(channel, each_turn)
+            });
+        }
+    }
+    turn(channel.clone(), each_turn);
+}
+
+/// Counts the body bytes the client published until at least `bytes`
+/// arrived (a fake broker's side of [`flood`]).
+pub fn read_published_bytes(conn: &mut fake_broker::FakeConn, bytes: usize) {
+    let mut seen = 0;
+    while seen < bytes {
+        if let OwnedFrame::Body(_, payload) = conn.read_frame() {
+            seen += payload.len();
+        }
+    }
+}
+
+#[allow(unused_imports)]
+pub use fake_broker::wait_until_sent;
+
+/// A handshake between a test's broker thread and the client's loop: the
+/// broker asks the client to hold its loop, the client holds it (inside a
+/// callback) until the broker says it is done, so that everything the
+/// broker did meanwhile reaches the client's next socket event at once.
+#[derive(Default)]
+pub struct LoopHold {
+    asked: std::sync::atomic::AtomicBool,
+    holding: std::sync::atomic::AtomicBool,
+    released: std::sync::atomic::AtomicBool,
+}
+
+impl LoopHold {
+    /// The broker's side: asks for the hold and waits until the client
+    /// holds its loop (bounded by `bound`).
+    pub fn hold_client(&self, bound: Duration) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.asked.store(true, SeqCst);
+        let deadline = std::time::Instant::now() + bound;
+        while !self.holding.load(SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the client did not hold its loop within {bound:?}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The broker's side: lets the client's loop go on.
+    pub fn release(&self) {
+        self.released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The client's side, called from a loop callback: when asked, holds
+    /// the loop until released (at most `bound`), then a little longer so
+    /// that packets in flight land.
+    pub fn hold_if_asked(&self, bound: Duration) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.asked.load(SeqCst) || self.holding.swap(true, SeqCst) {
+            return;
+        }
+        let deadline = std::time::Instant::now() + bound;
+        while !self.released.load(SeqCst) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

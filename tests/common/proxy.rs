@@ -741,15 +741,12 @@ impl Pump {
         if pending.is_empty() {
             return true;
         }
-        let mut summaries = Vec::new();
-        for bytes in pending {
-            if !self.write(&bytes) {
-                return false;
-            }
-            summaries.push(self.injected(bytes, self.offset));
-        }
+        let summaries = pending
+            .iter()
+            .map(|bytes| self.injected(bytes.clone(), self.offset))
+            .collect();
         self.observe(0, summaries);
-        true
+        pending.iter().all(|bytes| self.write(bytes))
     }
 
     /// Forwards one chunk read from the sender, with the faults due in it.
@@ -792,27 +789,28 @@ impl Pump {
             };
             (injections, split.unwrap_or(chunk.len()))
         };
-        if !self.write(&chunk[..split]) {
-            return false;
-        }
         let split_offset = start + split as u64;
         let mut summaries = Vec::with_capacity(seen.len() + injections.len());
         let mut seen = seen.into_iter().peekable();
         while let Some(s) = seen.next_if(|s| s.end <= split_offset) {
             summaries.push(self.summary(s));
         }
-        for bytes in injections {
-            if !self.write(&bytes) {
-                return false;
-            }
-            summaries.push(self.injected(bytes, split_offset));
-        }
-        if !self.write(&chunk[split..]) {
-            return false;
+        for bytes in &injections {
+            summaries.push(self.injected(bytes.clone(), split_offset));
         }
         summaries.extend(seen.map(|s| self.summary(s)));
+        // Recorded before they are passed on: a peer's answer to these
+        // frames can reach the test no earlier than the record.
         self.observe(chunk.len() as u64, summaries);
-        true
+        if !self.write(&chunk[..split]) {
+            return false;
+        }
+        for bytes in &injections {
+            if !self.write(bytes) {
+                return false;
+            }
+        }
+        self.write(&chunk[split..])
     }
 
     /// Writes all of `data` to the receiver; false when that fails or the
