@@ -41,7 +41,6 @@ pub mod credentials;
 pub mod error;
 pub mod frame;
 pub mod parameters;
-mod pyliteral;
 pub mod spec;
 pub mod table;
 pub mod tls;
