@@ -44,7 +44,6 @@ pub mod message;
 pub mod options;
 pub mod parameters;
 pub mod protocol;
-mod pyliteral;
 pub mod spec;
 pub mod table;
 pub mod tls;

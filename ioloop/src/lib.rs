@@ -4,9 +4,10 @@
 //! An [`IoLoop`] runs timers ([`call_later`](IoLoop::call_later)), deferred callbacks
 //! ([`call_soon`](IoLoop::call_soon)) and file-descriptor handlers
 //! ([`add_handler`](IoLoop::add_handler)) on the thread that calls [`start`](IoLoop::start),
-//! until [`stop`](IoLoop::stop). Other threads reach it only through an [`IoLoopWaker`].
-//! It knows nothing about any protocol. The poller is the [`polling`] crate (epoll on Linux),
-//! used level-triggered. Unix only.
+//! until [`stop`](IoLoop::stop); an application that drives the loop from its own code calls
+//! [`run_once`](IoLoop::run_once) instead, one pass at a time. Other threads reach it only
+//! through an [`IoLoopWaker`]. It knows nothing about any protocol. The poller is the
+//! [`polling`] crate (epoll on Linux), used level-triggered. Unix only.
 //!
 //! ```
 //! use std::cell::Cell;
@@ -33,11 +34,14 @@
 //!
 //! # How a pass runs
 //!
-//! `start()` repeats passes until a stop is requested. Each pass:
+//! `start()` repeats passes until a stop is requested; `run_once(timeout)` runs exactly one,
+//! whose wait is also bounded by `timeout`, and leaves any stop request for the next
+//! `start()`. Each pass:
 //!
 //! 1. waits in the poller: not at all if callbacks or due timers are pending, else until a
 //!    descriptor is ready, an [`IoLoopWaker`] wakes it, or the next timer deadline passes —
-//!    indefinitely if there are no timers (an idle loop uses no CPU);
+//!    indefinitely if there are no timers (an idle loop uses no CPU) — and, in `run_once`,
+//!    no longer than its `timeout`;
 //! 2. takes its snapshot — the ready descriptors, the timers now due, the `call_soon`
 //!    callbacks queued so far and one batch of thread-safe callbacks;
 //! 3. calls the handlers of the ready descriptors, then the due timers in deadline order
@@ -50,14 +54,15 @@
 //! # Callbacks
 //!
 //! Every callback may call every `IoLoop` method: add and remove timers and handlers
-//! (including itself), stop or close the loop. Only a nested `start()` is refused. No
-//! internal borrow is held while user code runs, including while callbacks are dropped.
+//! (including itself), stop or close the loop. Only a nested `start()` or `run_once()` is
+//! refused. No internal borrow is held while user code runs, including while callbacks are
+//! dropped.
 //!
-//! A panic in a callback propagates out of `start()` and leaves the loop usable: it is no
-//! longer running, the callback that panicked is gone (a timer or queued callback) or still
-//! registered (a handler), and everything else still pending runs when `start()` is called
-//! again. Remaining events of the interrupted pass are reported again by the level-triggered
-//! poller if still ready.
+//! A panic in a callback propagates out of `start()` (or `run_once()`) and leaves the loop
+//! usable: it is no longer running, the callback that panicked is gone (a timer or queued
+//! callback) or still registered (a handler), and everything else still pending runs when
+//! `start()` or `run_once()` is called again. Remaining events of the interrupted pass are
+//! reported again by the level-triggered poller if still ready.
 //!
 //! # Handlers are level-triggered
 //!
@@ -280,6 +285,32 @@ impl fmt::Debug for IoLoop {
     }
 }
 
+/// What a [`Running`] guard does with the stop request when it drops.
+#[derive(Clone, Copy)]
+enum StopRequest {
+    /// Clear it: `start()` returned, which is what the request asked for.
+    Consume,
+    /// Leave it for the next `start()`: `run_once()` does not look at it.
+    Keep,
+}
+
+/// Marks the loop running while `start()` or `run_once()` runs: resets
+/// [`Inner::running`] when dropped, unwinding included, and with [`StopRequest::Consume`]
+/// clears the stop request.
+struct Running<'a> {
+    inner: &'a Inner,
+    stop_request: StopRequest,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.inner.running.set(false);
+        if let StopRequest::Consume = self.stop_request {
+            self.inner.shared.set_stop(false);
+        }
+    }
+}
+
 fn closed_error() -> io::Error {
     io::Error::other(Closed)
 }
@@ -334,10 +365,97 @@ impl IoLoop {
     /// # Errors
     ///
     /// - kind [`ResourceBusy`](io::ErrorKind::ResourceBusy) if the loop is already running
-    ///   (a nested `start()` from a callback);
+    ///   (a nested `start()` from a callback, including one of
+    ///   [`run_once`](IoLoop::run_once));
     /// - [`Closed`] (kind [`Other`](io::ErrorKind::Other)) if the loop has been closed;
     /// - an error from the poller's wait, which ends the run.
     pub fn start(&self) -> io::Result<()> {
+        let inner = &*self.inner;
+        // Resets `running` and consumes the stop request however start() ends, unwinding
+        // included.
+        let _running = self.enter("start", StopRequest::Consume)?;
+        log::debug!("ioloop: starting");
+        while !inner.closed.get() && !inner.shared.stop_requested() {
+            self.run_pass(None)?;
+        }
+        log::debug!("ioloop: stopped");
+        Ok(())
+    }
+
+    /// Runs one pass of the loop on this thread, waiting at most `timeout` for I/O, and
+    /// returns: for an application that drives the loop from its own code (pika's
+    /// `IOLoop.poll()` followed by `process_timeouts()`).
+    ///
+    /// The pass is the one [`start`](IoLoop::start) repeats (see the
+    /// [crate documentation](crate#how-a-pass-runs)). It waits in the poller until a
+    /// descriptor is ready, an [`IoLoopWaker`] wakes the loop, or the next timer deadline
+    /// passes, but no longer than `timeout`: `None` sets no bound of its own, so with no
+    /// timers it waits until I/O or a wake-up, forever if none comes; `Some(Duration::ZERO)`
+    /// polls without waiting. It does not wait at all when callbacks are queued or timers
+    /// are due. Then it calls the handlers of the ready descriptors, the timers due by then
+    /// and the callbacks queued before the pass, exactly as a pass of `start()` does;
+    /// whatever they add runs on a later pass (a later `run_once()` or `start()`). It does
+    /// not wait again when the wait ended early, so a pass may find nothing to do.
+    ///
+    /// A stop request neither prevents the pass nor is consumed by it: a
+    /// [`stop`](IoLoop::stop) made before or during `run_once()` stays pending, and the next
+    /// `start()` returns at once, without a pass, consuming it. [`IoLoopWaker::stop`] still
+    /// wakes a `run_once()` waiting in the poller, which then ends its pass and returns.
+    ///
+    /// While the pass runs, [`is_running`](IoLoop::is_running) is true, so callbacks can
+    /// neither call `run_once()` nor `start()`. A panic in a callback propagates out of
+    /// `run_once()` and leaves the loop usable, as with `start()` (see the
+    /// [crate documentation](crate#callbacks)).
+    ///
+    /// # Errors
+    ///
+    /// - kind [`ResourceBusy`](io::ErrorKind::ResourceBusy) if the loop is already running
+    ///   (`run_once()` called from a callback, during `start()` or another `run_once()`);
+    /// - [`Closed`] (kind [`Other`](io::ErrorKind::Other)) if the loop has been closed;
+    /// - an error from the poller's wait, in which case nothing is dispatched.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::cell::Cell;
+    /// use std::rc::Rc;
+    /// use std::time::Duration;
+    /// use ioloop::IoLoop;
+    ///
+    /// let lp = IoLoop::new()?;
+    /// let ran = Rc::new(Cell::new(false));
+    /// let r = ran.clone();
+    /// lp.call_soon(move || r.set(true));
+    /// lp.run_once(Some(Duration::ZERO))?; // polls, then runs the queued callback
+    /// assert!(ran.get());
+    ///
+    /// // The application's own loop: one pass at a time, with its own work in between.
+    /// let fired = Rc::new(Cell::new(false));
+    /// let f = fired.clone();
+    /// lp.call_later(Duration::from_millis(10), move || f.set(true));
+    /// while !fired.get() {
+    ///     lp.run_once(Some(Duration::from_millis(100)))?;
+    ///     // ... the application's own work ...
+    /// }
+    /// assert!(!lp.is_running());
+    /// lp.close();
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn run_once(&self, timeout: Option<Duration>) -> io::Result<()> {
+        // Resets `running` however run_once() ends, unwinding included; leaves the stop
+        // request alone.
+        let _running = self.enter("run_once", StopRequest::Keep)?;
+        self.run_pass(timeout)
+    }
+
+    /// Marks the loop running for `start()` or `run_once()` (named by `method` in the
+    /// error), until the returned guard drops.
+    ///
+    /// # Errors
+    ///
+    /// [`Closed`] if the loop has been closed; kind
+    /// [`ResourceBusy`](io::ErrorKind::ResourceBusy) if it is already running.
+    fn enter(&self, method: &str, stop_request: StopRequest) -> io::Result<Running<'_>> {
         let inner = &*self.inner;
         if inner.closed.get() {
             return Err(closed_error());
@@ -345,25 +463,13 @@ impl IoLoop {
         if inner.running.replace(true) {
             return Err(io::Error::new(
                 io::ErrorKind::ResourceBusy,
-                "IoLoop::start: the loop is already running",
+                format!("IoLoop::{method}: the loop is already running"),
             ));
         }
-        // Resets `running` and consumes the stop request however start() ends, unwinding
-        // included.
-        struct Running<'a>(&'a Inner);
-        impl Drop for Running<'_> {
-            fn drop(&mut self) {
-                self.0.running.set(false);
-                self.0.shared.set_stop(false);
-            }
-        }
-        let _running = Running(inner);
-        log::debug!("ioloop: starting");
-        while !inner.closed.get() && !inner.shared.stop_requested() {
-            self.run_pass()?;
-        }
-        log::debug!("ioloop: stopped");
-        Ok(())
+        Ok(Running {
+            inner,
+            stop_request,
+        })
     }
 
     /// Asks the loop to stop: [`start`](IoLoop::start) returns when the pass in progress
@@ -373,7 +479,7 @@ impl IoLoop {
         self.inner.shared.set_stop(true);
     }
 
-    /// Whether [`start`](IoLoop::start) is running.
+    /// Whether [`start`](IoLoop::start) or [`run_once`](IoLoop::run_once) is running.
     pub fn is_running(&self) -> bool {
         self.inner.running.get()
     }
@@ -611,8 +717,9 @@ impl IoLoop {
         removed.is_some()
     }
 
-    /// One pass: wait, snapshot, dispatch I/O, due timers, queued callbacks.
-    fn run_pass(&self) -> io::Result<()> {
+    /// One pass: wait (no longer than `max_wait`, `None` for no bound of the caller's own),
+    /// snapshot, dispatch I/O, due timers, queued callbacks.
+    fn run_pass(&self, max_wait: Option<Duration>) -> io::Result<()> {
         let inner = &*self.inner;
         let (mut io_batch, ready_count) = {
             let mut st = inner.state.borrow_mut();
@@ -623,9 +730,14 @@ impl IoLoop {
             let timeout = if !st.ready.is_empty() || st.timers.has_due() {
                 Some(Duration::ZERO)
             } else {
-                st.timers
+                let until_next_timer = st
+                    .timers
                     .next_deadline()
-                    .map(|d| d.saturating_duration_since(Instant::now()))
+                    .map(|d| d.saturating_duration_since(Instant::now()));
+                match (until_next_timer, max_wait) {
+                    (Some(timer), Some(max)) => Some(timer.min(max)),
+                    (timer, max) => timer.or(max),
+                }
             };
             poller.wait(&mut st.events, timeout)?;
 

@@ -159,7 +159,8 @@ impl IoLoopWaker {
     /// Callbacks from one thread run in the order they were queued. A callback queued while
     /// the loop is dispatching runs on a later pass; the callbacks queued before a pass begins
     /// run in that pass, after its timers. A loop that is not running keeps them until
-    /// [`start`](crate::IoLoop::start) is called, and drops them if it is closed first.
+    /// [`start`](crate::IoLoop::start) or [`run_once`](crate::IoLoop::run_once) is called,
+    /// and drops them if it is closed first.
     ///
     /// # Errors
     ///
@@ -179,7 +180,9 @@ impl IoLoopWaker {
 
     /// Asks the loop to stop, waking it at once: [`start`](crate::IoLoop::start) returns after
     /// the pass in progress. If the loop is not running, the request makes its next `start()`
-    /// return immediately (as [`IoLoop::stop`](crate::IoLoop::stop) does).
+    /// return immediately (as [`IoLoop::stop`](crate::IoLoop::stop) does). A
+    /// [`run_once`](crate::IoLoop::run_once) waiting in the poller is woken and returns after
+    /// its pass; the request stays for the next `start()`.
     ///
     /// # Errors
     ///

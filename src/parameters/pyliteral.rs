@@ -1,6 +1,7 @@
 //! A small parser for the Python-literal (and JSON) dicts that pika's
-//! `URLParameters` accepts in `client_properties` and `tcp_options`,
-//! turning them into [`FieldValue`]s the way pika encodes Python values.
+//! `URLParameters` accepts in `client_properties`, `tcp_options` and
+//! `ssl_options`, turning them into [`FieldValue`]s the way pika encodes
+//! Python values.
 //!
 //! The grammar is the subset of Python's `ast.literal_eval` that can become
 //! an AMQP field value, plus JSON's spellings:
@@ -28,11 +29,11 @@ use crate::table::{FieldTable, FieldValue, LongString, MAX_TABLE_DEPTH};
 
 /// Why a literal did not parse, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct LiteralError {
+pub(super) struct LiteralError {
     /// Byte offset into the parsed text.
-    pub(crate) offset: usize,
+    offset: usize,
     /// What was wrong.
-    pub(crate) message: String,
+    message: String,
 }
 
 impl fmt::Display for LiteralError {
@@ -43,7 +44,7 @@ impl fmt::Display for LiteralError {
 
 /// Parses one literal that must span all of `text` (surrounding whitespace
 /// allowed).
-pub(crate) fn parse(text: &str) -> Result<FieldValue, LiteralError> {
+fn parse(text: &str) -> Result<FieldValue, LiteralError> {
     let mut p = Parser {
         src: text.as_bytes(),
         pos: 0,
@@ -61,7 +62,7 @@ pub(crate) fn parse(text: &str) -> Result<FieldValue, LiteralError> {
 }
 
 /// Parses a literal that must be a dict (or `None`/`null`, giving `None`).
-pub(crate) fn parse_dict(text: &str) -> Result<Option<FieldTable>, LiteralError> {
+pub(super) fn parse_dict(text: &str) -> Result<Option<FieldTable>, LiteralError> {
     match parse(text)? {
         FieldValue::Table(t) => Ok(Some(t)),
         FieldValue::Void => Ok(None),
@@ -73,7 +74,7 @@ pub(crate) fn parse_dict(text: &str) -> Result<Option<FieldTable>, LiteralError>
 }
 
 /// A short name of a value's Python type, for error messages.
-pub(crate) fn kind(value: &FieldValue) -> &'static str {
+pub(super) fn kind(value: &FieldValue) -> &'static str {
     match value {
         FieldValue::Bool(_) => "a bool",
         FieldValue::I8(_)
