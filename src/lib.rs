@@ -35,8 +35,6 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations)]
 
-pub mod channel;
-pub mod connection;
 pub mod credentials;
 pub mod error;
 pub mod frame;
@@ -44,10 +42,29 @@ pub mod message;
 pub mod options;
 pub mod parameters;
 pub mod protocol;
+pub mod select;
 pub mod spec;
 pub mod table;
 pub mod tls;
+pub mod transport;
 mod wire;
+
+/// The connection types of the callback face, at the path they had before
+/// the face moved to [`select`].
+pub mod connection {
+    pub use crate::select::{ConnectionHandle, ConnectionState, SelectConnection};
+}
+
+/// The channel types of the callback face and the messages and options
+/// they use, at the path they had before the face moved to [`select`].
+pub mod channel {
+    pub use crate::message::{Confirmation, Delivery, GetMessage, ReturnedMessage};
+    pub use crate::options::{
+        BasicConsumeOptions, ExchangeDeclareOptions, QueueDeclareOptions, QueueDeleteOptions,
+    };
+    pub use crate::protocol::ChannelState;
+    pub use crate::select::Channel;
+}
 
 pub use channel::{
     BasicConsumeOptions, Channel, ChannelState, Confirmation, Delivery, ExchangeDeclareOptions,

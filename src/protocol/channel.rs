@@ -32,7 +32,7 @@ const RECENTLY_CANCELLED: usize = 64;
 
 /// The states of a channel, as pika names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChannelPhase {
+pub enum ChannelState {
     /// Channel.Open sent, OpenOk not yet received.
     Opening,
     /// Open: operations are accepted.
@@ -96,7 +96,7 @@ struct Confirms {
 #[derive(Debug)]
 pub(crate) struct ChannelSlot {
     pub(super) key: ChannelKey,
-    pub(super) state: ChannelPhase,
+    pub(super) state: ChannelState,
     /// The open request, until OpenOk.
     open_request: Option<RequestId>,
     rpcs: VecDeque<Pending>,
@@ -123,7 +123,7 @@ impl ChannelSlot {
     fn new(key: ChannelKey, open_request: RequestId) -> ChannelSlot {
         ChannelSlot {
             key,
-            state: ChannelPhase::Opening,
+            state: ChannelState::Opening,
             open_request: Some(open_request),
             rpcs: VecDeque::new(),
             unsent: 0,
@@ -141,8 +141,8 @@ impl ChannelSlot {
 
     /// Frames for this channel are dropped (our Close is out).
     pub(super) fn discarding(&self) -> bool {
-        self.state == ChannelPhase::Closed
-            || (self.state == ChannelPhase::Closing && self.close_sent)
+        self.state == ChannelState::Closed
+            || (self.state == ChannelState::Closing && self.close_sent)
     }
 
     fn wrong_state(&self, what: &str) -> Error {
@@ -155,7 +155,7 @@ impl ChannelSlot {
     }
 
     fn ensure_open(&self, what: &str) -> Result<(), Error> {
-        if self.state == ChannelPhase::Open {
+        if self.state == ChannelState::Open {
             Ok(())
         } else {
             Err(self.wrong_state(what))
@@ -261,10 +261,10 @@ impl Connection {
             .and_then(Option::as_mut)
     }
 
-    /// A channel's state ([`ChannelPhase::Closed`] for a key this
+    /// A channel's state ([`ChannelState::Closed`] for a key this
     /// connection does not know).
-    pub fn channel_phase(&self, key: ChannelKey) -> ChannelPhase {
-        self.slot(key).map_or(ChannelPhase::Closed, |s| s.state)
+    pub fn channel_phase(&self, key: ChannelKey) -> ChannelState {
+        self.slot(key).map_or(ChannelState::Closed, |s| s.state)
     }
 
     /// The tags of a channel's active consumers (not being cancelled),
@@ -928,11 +928,11 @@ impl Connection {
         let slot = self
             .slot_mut(key)
             .ok_or_else(|| unknown_channel(key, "close it"))?;
-        if matches!(slot.state, ChannelPhase::Closing | ChannelPhase::Closed) {
+        if matches!(slot.state, ChannelState::Closing | ChannelState::Closed) {
             return Err(slot.wrong_state("close it"));
         }
-        let was_open = slot.state == ChannelPhase::Open;
-        slot.state = ChannelPhase::Closing;
+        let was_open = slot.state == ChannelState::Open;
+        slot.state = ChannelState::Closing;
         slot.close_reason = Some(Error::ChannelClosedByClient {
             reply_code,
             reply_text,
@@ -1024,8 +1024,8 @@ impl Connection {
             return;
         };
         match method {
-            Method::ChannelOpenOk(ok) if state == ChannelPhase::Opening => {
-                slot.state = ChannelPhase::Open;
+            Method::ChannelOpenOk(ok) if state == ChannelState::Opening => {
+                slot.state = ChannelState::Open;
                 if let Some(request) = slot.open_request.take() {
                     self.events.push_back(Event::Reply {
                         request,
@@ -1035,7 +1035,7 @@ impl Connection {
                     });
                 }
             }
-            Method::ChannelCloseOk(_) if state == ChannelPhase::Closing => {
+            Method::ChannelCloseOk(_) if state == ChannelState::Closing => {
                 let reason = slot
                     .broker_close
                     .clone()
@@ -1051,7 +1051,7 @@ impl Connection {
                     reply_code: close.reply_code,
                     reply_text: close.reply_text,
                 };
-                let ours_pending = slot.state == ChannelPhase::Closing && slot.close_sent;
+                let ours_pending = slot.state == ChannelState::Closing && slot.close_sent;
                 // Always answered.
                 if let Err(e) = self.send_method(number, &channel_class::CloseOk {}.into()) {
                     log::debug!("channel {number}: CloseOk not sent: {e}");
@@ -1322,7 +1322,7 @@ impl Connection {
             self.channels.pop();
         }
         let key = slot.key;
-        slot.state = ChannelPhase::Closed;
+        slot.state = ChannelState::Closed;
         if let Some(request) = slot.open_request.take() {
             self.events.push_back(Event::Reply {
                 request,

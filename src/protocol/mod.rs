@@ -95,8 +95,8 @@ use crate::parameters::ConnectionParameters;
 use crate::spec::{Method, connection};
 use crate::table::{FieldTable, FieldValue};
 
-pub use channel::ChannelPhase;
 use channel::ChannelSlot;
+pub use channel::ChannelState;
 pub use event::{ChannelKey, ConsumerId, Event, Reply, RequestId};
 
 /// The close handshake's bound when `socket_timeout` is unset.
@@ -213,6 +213,11 @@ impl Connection {
     /// Where the connection is.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// Whether the connection opened (whatever happened since).
+    pub fn opened(&self) -> bool {
+        self.opened
     }
 
     /// The parameters in use.
@@ -402,7 +407,7 @@ impl Connection {
         for key in self.channel_keys() {
             if matches!(
                 self.channel_phase(key),
-                ChannelPhase::Opening | ChannelPhase::Open
+                ChannelState::Opening | ChannelState::Open
             ) {
                 if let Err(e) = self.close_channel(key, reply_code, reply_text) {
                     log::debug!("{key} not closed: {e}");

@@ -793,8 +793,8 @@ fn the_channel_limit_is_enforced_and_a_number_is_reused_with_a_new_generation_af
     let (again, _) = p.core.open_channel(None).unwrap();
     assert_eq!(again.number, 1);
     assert_ne!(again.generation, a.generation);
-    assert_eq!(p.core.channel_phase(a), ChannelPhase::Closed);
-    assert_eq!(p.core.channel_phase(again), ChannelPhase::Opening);
+    assert_eq!(p.core.channel_phase(a), ChannelState::Closed);
+    assert_eq!(p.core.channel_phase(again), ChannelState::Opening);
 }
 
 #[test]
@@ -813,7 +813,7 @@ fn a_reopened_channel_keeps_its_key_on_a_new_instance() {
         fresh.events().as_slice(),
         [Event::Reply { request: r, channel: Some(k), .. }] if *r == request && *k == key
     ));
-    assert_eq!(fresh.core.channel_phase(key), ChannelPhase::Open);
+    assert_eq!(fresh.core.channel_phase(key), ChannelState::Open);
     // A number taken later still gets a newer generation.
     fresh.core.close_channel(key, 200, "").unwrap();
     fresh.feed(key.number, ch::CloseOk {});
