@@ -29,6 +29,9 @@
 //!   system, from `/proc/thread-self/schedstat`, in ns; or, where that file
 //!   is missing, utime + stime from `/proc/self/stat` at 100 ticks/s) / n.
 //!   On loopback this includes the kernel's TCP work done on our behalf.
+//! * `proc_cpu_us_per_msg`: CPU time of the whole process, every thread
+//!   (user + system from `getrusage(RUSAGE_SELF)`, µs resolution) / n —
+//!   the figure to compare with other clients, whatever threads they use.
 //! * `rss_mb`: the process's peak resident set (`VmHWM`, MiB), reset at the
 //!   start of the timed phase (`/proc/self/clear_refs`) where allowed.
 //!
@@ -94,8 +97,11 @@ pub struct Report {
     pub wall_s: f64,
     /// n / wall_s.
     pub msgs_per_s: f64,
-    /// Client CPU (user + system) over the timed phase / n, µs.
+    /// Client CPU (user + system) of the loop thread over the timed phase /
+    /// n, µs.
     pub cpu_us_per_msg: f64,
+    /// CPU (user + system) of the whole process, all threads, / n, µs.
+    pub proc_cpu_us_per_msg: f64,
     /// The user part, from clock ticks (10 ms resolution); not on the
     /// RESULT line.
     pub user_us_per_msg: f64,
@@ -131,6 +137,7 @@ impl Report {
             wall_s,
             msgs_per_s: n as f64 / wall_s,
             cpu_us_per_msg: per_msg(m.cpu_ns),
+            proc_cpu_us_per_msg: per_msg(m.proc_cpu_ns),
             user_us_per_msg: per_msg(m.user_ns),
             sys_us_per_msg: per_msg(m.sys_ns),
             rss_mb: m.peak_rss_kb as f64 / 1024.0,
@@ -146,8 +153,15 @@ impl Report {
     /// with `p50_us=… p99_us=…` (L1) and `mb_per_s=…` (B1) when present.
     pub fn result_line(&self) -> String {
         let mut line = format!(
-            "RESULT workload={} n={} wall_s={:.3} msgs_per_s={:.0} cpu_us_per_msg={:.3} rss_mb={:.1}",
-            self.workload, self.n, self.wall_s, self.msgs_per_s, self.cpu_us_per_msg, self.rss_mb
+            "RESULT workload={} n={} wall_s={:.3} msgs_per_s={:.0} cpu_us_per_msg={:.3} \
+             proc_cpu_us_per_msg={:.3} rss_mb={:.1}",
+            self.workload,
+            self.n,
+            self.wall_s,
+            self.msgs_per_s,
+            self.cpu_us_per_msg,
+            self.proc_cpu_us_per_msg,
+            self.rss_mb
         );
         if let (Some(p50), Some(p99)) = (self.p50_us, self.p99_us) {
             line.push_str(&format!(" p50_us={p50:.1} p99_us={p99:.1}"));
@@ -171,6 +185,7 @@ impl Report {
             wall_s: 0.0,
             msgs_per_s: 0.0,
             cpu_us_per_msg: 0.0,
+            proc_cpu_us_per_msg: 0.0,
             user_us_per_msg: 0.0,
             sys_us_per_msg: 0.0,
             rss_mb: 0.0,
@@ -187,6 +202,7 @@ impl Report {
                 "wall_s" => report.wall_s = number()?,
                 "msgs_per_s" => report.msgs_per_s = number()?,
                 "cpu_us_per_msg" => report.cpu_us_per_msg = number()?,
+                "proc_cpu_us_per_msg" => report.proc_cpu_us_per_msg = number()?,
                 "rss_mb" => report.rss_mb = number()?,
                 "p50_us" => report.p50_us = Some(number()?),
                 "p99_us" => report.p99_us = Some(number()?),
@@ -217,6 +233,23 @@ struct CpuSample {
     runtime_ns: Option<u64>,
     user_ticks: u64,
     sys_ticks: u64,
+    /// user + system of the whole process (every thread), µs.
+    process_us: u64,
+}
+
+/// The whole process's CPU time so far (every thread), µs.
+fn process_cpu_us() -> u64 {
+    // SAFETY: getrusage writes one `rusage` through the pointer, which
+    // points at a zeroed, live value of that type.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return 0;
+        }
+        usage
+    };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(usage.ru_utime) + us(usage.ru_stime)
 }
 
 fn cpu_sample() -> CpuSample {
@@ -237,6 +270,7 @@ fn cpu_sample() -> CpuSample {
         runtime_ns,
         user_ticks,
         sys_ticks,
+        process_us: process_cpu_us(),
     }
 }
 
@@ -269,6 +303,7 @@ struct Phase {
 struct Measured {
     wall: Duration,
     cpu_ns: u64,
+    proc_cpu_ns: u64,
     user_ns: u64,
     sys_ns: u64,
     peak_rss_kb: u64,
@@ -299,6 +334,7 @@ impl Phase {
         Measured {
             wall,
             cpu_ns,
+            proc_cpu_ns: end.process_us.saturating_sub(self.cpu.process_us) * 1_000,
             user_ns,
             sys_ns,
             peak_rss_kb: peak_rss_kb(),
@@ -1045,13 +1081,14 @@ fn print_table(reports: &[Report]) {
     };
     println!();
     println!(
-        "{:<8} {:>7} {:>8} {:>9} {:>7} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "{:<8} {:>7} {:>8} {:>9} {:>7} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8}",
         "workload",
         "n",
         "wall s",
         "msgs/s",
         "MiB/s",
         "CPU µs/msg",
+        "proc µs",
         "peers µs",
         "goal µs",
         "RSS MiB",
@@ -1061,13 +1098,14 @@ fn print_table(reports: &[Report]) {
     for r in reports {
         let peer = peer_cpu_us(&r.workload);
         println!(
-            "{:<8} {:>7} {:>8.3} {:>9.0} {:>7} {:>10.3} {:>9} {:>9} {:>8.1} {:>8} {:>8}",
+            "{:<8} {:>7} {:>8.3} {:>9.0} {:>7} {:>10.3} {:>10.3} {:>9} {:>9} {:>8.1} {:>8} {:>8}",
             r.workload,
             r.n,
             r.wall_s,
             r.msgs_per_s,
             opt(r.mb_per_s, 1),
             r.cpu_us_per_msg,
+            r.proc_cpu_us_per_msg,
             opt(peer, 1),
             opt(peer.map(|p| p / 3.0), 2),
             r.rss_mb,

@@ -61,21 +61,10 @@ fn text(props: &FieldTable, key: &str) -> String {
         .to_string()
 }
 
-fn main() -> ExitCode {
-    let Ok(url) = std::env::var("AMQP_URL") else {
-        eprintln!(
-            "AMQP_URL is not set. Run with a private broker: \
-             scripts/with-broker cargo run --example server_properties"
-        );
-        return ExitCode::FAILURE;
-    };
-    let start = match address_of(&url).and_then(|addr| read_start(&addr)) {
-        Ok(start) => start,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+/// Reads the broker's Connection.Start and prints what it says; returns
+/// it (the example test checks it).
+pub fn run(url: &str) -> Result<connection::Start, String> {
+    let start = address_of(url).and_then(|addr| read_start(&addr))?;
     let props = &start.server_properties;
     println!(
         "AMQP {}-{}: {} {} on {}",
@@ -97,5 +86,23 @@ fn main() -> ExitCode {
             println!("  {name:<32} {shown}");
         }
     }
-    ExitCode::SUCCESS
+    Ok(start)
+}
+
+#[allow(dead_code)] // the example tests call `run` instead
+fn main() -> ExitCode {
+    let Ok(url) = std::env::var("AMQP_URL") else {
+        eprintln!(
+            "AMQP_URL is not set. Run with a private broker: \
+             scripts/with-broker cargo run --example server_properties"
+        );
+        return ExitCode::FAILURE;
+    };
+    match run(&url) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

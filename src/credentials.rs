@@ -228,7 +228,6 @@ impl Credentials {
     ///
     /// The username is kept, for log and error messages; the password's
     /// bytes are overwritten before they are freed.
-    #[allow(dead_code)] // called by the connection handshake
     pub(crate) fn erase_secret(&mut self) {
         if let Credentials::Plain(p) = self {
             if p.erase_on_connect {

@@ -1,5 +1,7 @@
-//! Errors of the wire codec: what was wrong with a frame, a method, a field
-//! table or a value to encode, and the AMQP reply code a peer must close with.
+//! The client's errors: [`enum@Error`], named after pika's exceptions and sorted
+//! into pika's connection and channel families, and [`CodecError`], what
+//! was wrong with a frame, a method, a field table or a value to encode,
+//! with the AMQP reply code a peer must close with.
 
 use thiserror::Error;
 

@@ -1,11 +1,49 @@
 //! A callback-driven AMQP 0-9-1 client for RabbitMQ, in the style of
-//! Python's [pika](https://pika.readthedocs.io/).
+//! Python's [pika](https://pika.readthedocs.io/): a [`SelectConnection`]
+//! on its own event loop ([`IoLoop`]), whose every operation takes a
+//! completion closure, with pika's [`Channel`], parameters, credentials,
+//! exceptions ([`Error`]) and TLS ([`SslOptions`]).
 //!
-//! This release holds the wire layer the client is built on: every AMQP
-//! 0-9-1 method RabbitMQ speaks ([`spec`]), field tables ([`FieldTable`]),
-//! message properties ([`BasicProperties`]) and frames ([`frame`]), with an
-//! incremental parser that never panics on bad input and never buffers more
-//! than `frame_max`.
+//! ```no_run
+//! use pika::{BasicProperties, Channel, Error, SelectConnection, UrlParameters};
+//!
+//! fn on_open(conn: &SelectConnection) {
+//!     conn.channel(None, on_channel).expect("the connection is open");
+//! }
+//!
+//! fn on_channel(channel: Result<Channel, Error>) {
+//!     let Ok(ch) = channel else { return };
+//!     ch.basic_publish("", "hello", b"Hello World!", &BasicProperties::default(), false)
+//!         .expect("the channel is open");
+//!     let _ = ch.connection().map(|conn| conn.close(200, "done"));
+//! }
+//!
+//! let params = UrlParameters::parse("amqp://guest:guest@localhost:5672/%2F")?;
+//! let conn = SelectConnection::new(
+//!     params,
+//!     on_open,
+//!     |conn, err| { eprintln!("could not connect: {err}"); conn.ioloop().stop(); },
+//!     |conn, reason| { println!("closed: {reason}"); conn.ioloop().stop(); },
+//! )?;
+//! conn.ioloop().start().expect("the loop runs");
+//! # Ok::<(), pika::Error>(())
+//! ```
+//!
+//! # Layers
+//!
+//! * [`select`] — the callback face: [`SelectConnection`], [`Channel`],
+//!   [`ConnectionHandle`] for other threads. It owns the user's closures
+//!   and drives the protocol core from the [`IoLoop`].
+//! * [`protocol`] — the protocol core, one IO-free state machine per
+//!   connection ([`protocol::Connection`]): handshake, heartbeats, channels,
+//!   request serialisation, content assembly, consumers, confirms, closes.
+//!   Every face drives one; none holds protocol logic of its own.
+//! * [`transport`] — TCP and TLS streams, name resolution and socket
+//!   options, and the connect workflow as a pure decision.
+//! * The codec: every AMQP 0-9-1 method RabbitMQ speaks ([`spec`]), field
+//!   tables ([`FieldTable`]), message properties ([`BasicProperties`]) and
+//!   frames ([`frame`]), with an incremental parser that never panics on
+//!   bad input and never buffers more than `frame_max`.
 //!
 //! ```
 //! use pika::frame::{encode_message, parse_frame, Frame, FRAME_MIN_SIZE};

@@ -32,7 +32,7 @@ pub struct Delivery {
     pub epoch: u64,
 }
 
-/// A message fetched with [`Channel::basic_get`].
+/// A message fetched with [`Channel::basic_get`](crate::Channel::basic_get).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GetMessage {
     /// The Basic.GetOk method: delivery tag, redelivered, exchange, routing
@@ -74,7 +74,7 @@ pub enum Confirmation {
     /// The broker took responsibility for the message (or, with
     /// `multiple`, for every message up to and including the tag).
     Ack {
-        /// The delivery tag [`Channel::basic_publish`] returned.
+        /// The delivery tag [`Channel::basic_publish`](crate::Channel::basic_publish) returned.
         delivery_tag: u64,
         /// Whether it covers every earlier tag too.
         multiple: bool,

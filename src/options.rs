@@ -5,7 +5,7 @@
 use crate::spec::{Method, exchange, queue};
 use crate::table::FieldTable;
 
-/// Options of [`Channel::exchange_declare`] (pika's keyword arguments).
+/// Options of [`Channel::exchange_declare`](crate::Channel::exchange_declare) (pika's keyword arguments).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExchangeDeclareOptions {
     /// `direct` (default), `fanout`, `topic`, `headers`, or a plugin's type.
@@ -32,7 +32,7 @@ impl Default for ExchangeDeclareOptions {
     }
 }
 
-/// Options of [`Channel::queue_declare`].
+/// Options of [`Channel::queue_declare`](crate::Channel::queue_declare).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueDeclareOptions {
     /// Only check that the queue exists.
@@ -45,7 +45,7 @@ pub struct QueueDeclareOptions {
     pub auto_delete: bool,
 }
 
-/// Options of [`Channel::queue_delete`].
+/// Options of [`Channel::queue_delete`](crate::Channel::queue_delete).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueDeleteOptions {
     /// Only delete when it has no consumers.
@@ -54,7 +54,7 @@ pub struct QueueDeleteOptions {
     pub if_empty: bool,
 }
 
-/// Options of [`Channel::basic_consume`].
+/// Options of [`Channel::basic_consume`](crate::Channel::basic_consume).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BasicConsumeOptions {
     /// The broker considers messages acknowledged once sent (`no_ack`).

@@ -24,12 +24,22 @@ fn smoke(name: &str, n: u64) -> Report {
         line.starts_with(&format!("RESULT workload={name} n={n} wall_s=")),
         "{line}"
     );
-    for key in [" msgs_per_s=", " cpu_us_per_msg=", " rss_mb="] {
+    assert!(
+        report.proc_cpu_us_per_msg > 0.0,
+        "the process used CPU: {report:?}"
+    );
+    for key in [
+        " msgs_per_s=",
+        " cpu_us_per_msg=",
+        " proc_cpu_us_per_msg=",
+        " rss_mb=",
+    ] {
         assert!(line.contains(key), "{key} missing from {line}");
     }
     let parsed = Report::parse_result_line(&line).expect("the RESULT line parses");
     assert_eq!(parsed.workload, name);
     assert_eq!(parsed.n, n);
+    assert!((parsed.proc_cpu_us_per_msg - report.proc_cpu_us_per_msg).abs() < 0.001);
     assert_eq!(parsed.p50_us.is_some(), report.p50_us.is_some());
     assert_eq!(parsed.mb_per_s.is_some(), report.mb_per_s.is_some());
     report

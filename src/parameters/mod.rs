@@ -605,7 +605,6 @@ impl ConnectionParameters {
     /// Erases the password when the credentials ask for it
     /// (`erase_on_connect`); the connection calls this after
     /// `Connection.StartOk`.
-    #[allow(dead_code)] // for the connection handshake
     pub(crate) fn erase_credentials_if_asked(&mut self) {
         self.credentials.erase_secret();
     }

@@ -76,10 +76,12 @@
 //!   once handled, the connection is closed with the broker's words.
 
 mod channel;
+mod commands;
 mod content;
 mod deadlines;
 mod event;
 mod handshake;
+mod incoming;
 
 #[cfg(test)]
 mod props;

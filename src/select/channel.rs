@@ -219,8 +219,9 @@ impl Channel {
                 self.key.number
             ),
         })?;
-        let result = f(&mut conn.shared.state.borrow_mut())?;
-        conn.after_command();
+        let mut st = conn.shared.state.borrow_mut();
+        let result = f(&mut st)?;
+        conn.after_command_locked(&mut st);
         Ok(result)
     }
 

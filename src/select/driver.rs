@@ -1,14 +1,11 @@
 //! The driver: the connect workflow's steps, the socket handler, the one
-//! timer, the writes, and the dispatch of the core's events to the user's
-//! closures — the only place user code is called.
+//! timer and the writes. The core's events go to the user's closures
+//! through `dispatch.rs`.
 //!
 //! Design notes (not API):
 //! * Input is handled one frame at a time, and the events of each frame
 //!   are dispatched before the next is handled: a callback that closes its
 //!   channel or cancels its consumer sees no later delivery.
-//! * Every closure is taken out of the state, the borrow released, then
-//!   called, and (for repeating ones) put back unless its owner went away
-//!   meanwhile. A user closure may call any public method.
 //! * During a socket event, commands only queue bytes; they are written
 //!   once at the end of the event. Outside one, a command that queued bytes
 //!   registers write interest (once) and the loop writes when it may.
@@ -25,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use ioloop::{Interest, Readiness};
 
-use super::{Channel, ChannelRecord, ConnectionState, SelectConnection, Session, State};
+use super::{SelectConnection, Session, State};
 use crate::error::Error;
-use crate::protocol::{self, Config, Event, Phase};
+use crate::protocol::{self, Config, Phase};
 use crate::transport::workflow::Step;
 use crate::transport::{Stream, socket, tls_failure};
 
@@ -151,7 +148,7 @@ impl SelectConnection {
     /// The attempt's core ended (`opened`: after the connection had
     /// opened): the socket goes, then the workflow goes on or the
     /// connection ends.
-    fn session_ended(&self, error: Error, opened: bool) {
+    pub(super) fn session_ended(&self, error: Error, opened: bool) {
         // What the core queued last (a CloseOk, a Close with a reply
         // code) is written once, best effort, before the socket goes.
         self.write_out_best_effort();
@@ -333,7 +330,12 @@ impl SelectConnection {
     /// Registers write interest exactly while bytes wait (the core's or
     /// TLS records); during a socket event, the write at its end decides.
     pub(super) fn set_interest(&self) {
-        let mut st = self.shared.state.borrow_mut();
+        self.update_interest(&mut self.shared.state.borrow_mut());
+    }
+
+    /// [`SelectConnection::set_interest`] under a borrow the caller holds
+    /// (it calls into the loop, never into user code).
+    fn update_interest(&self, st: &mut State) {
         let Some(s) = st.session.as_mut() else { return };
         let (Some(h), Some(stream)) = (s.handler, s.stream.as_ref()) else {
             return;
@@ -655,18 +657,21 @@ impl SelectConnection {
     /// bytes it queued, the high-water mark, and a dispatch for events it
     /// queued.
     pub(super) fn after_command(&self) {
-        let events = {
-            let mut st = self.shared.state.borrow_mut();
-            let high = st.high_water;
-            let (queued, events) = st
-                .core()
-                .map_or((0, false), |c| (c.outbound().len(), c.has_events()));
-            if queued > high {
-                st.above_high_water = true;
-            }
-            events
-        };
-        self.set_interest();
+        self.after_command_locked(&mut self.shared.state.borrow_mut());
+    }
+
+    /// [`SelectConnection::after_command`] under the command's own borrow:
+    /// one borrow per publish or ack. It calls into the loop (interest, a
+    /// queued dispatch), never into user code.
+    pub(super) fn after_command_locked(&self, st: &mut State) {
+        let high = st.high_water;
+        let (queued, events) = st
+            .core()
+            .map_or((0, false), |c| (c.outbound().len(), c.has_events()));
+        if queued > high {
+            st.above_high_water = true;
+        }
+        self.update_interest(st);
         if events {
             self.queue_dispatch();
         }
@@ -685,355 +690,5 @@ impl SelectConnection {
             me.flush();
             me.arm_timer();
         });
-    }
-
-    // ------------------------------------------------------------------
-    // Dispatch
-    // ------------------------------------------------------------------
-
-    /// Hands every queued event of the live core to the user's closures,
-    /// in order.
-    pub(super) fn dispatch(&self) {
-        if self.shared.dispatching.replace(true) {
-            return;
-        }
-        struct Dispatching<'a>(&'a std::cell::Cell<bool>);
-        impl Drop for Dispatching<'_> {
-            fn drop(&mut self) {
-                self.0.set(false);
-            }
-        }
-        let _guard = Dispatching(&self.shared.dispatching);
-        loop {
-            let event = {
-                let mut st = self.shared.state.borrow_mut();
-                match st.core_mut().and_then(protocol::Connection::poll_event) {
-                    Some(e) => e,
-                    None => return,
-                }
-            };
-            self.handle_event(event);
-        }
-    }
-
-    fn handle_event(&self, event: Event) {
-        match event {
-            Event::Opened => {
-                let callbacks = {
-                    let mut st = self.shared.state.borrow_mut();
-                    st.callbacks.on_open_error.clear();
-                    std::mem::take(&mut st.callbacks.on_open)
-                };
-                log::info!("connection open");
-                for cb in callbacks {
-                    cb(self);
-                }
-            }
-            Event::Blocked(blocked) => self.run_connection_callbacks(
-                |c| &mut c.on_blocked,
-                |cb, conn| cb(conn, &blocked.reason),
-            ),
-            Event::Unblocked(_) => {
-                self.run_connection_callbacks(|c| &mut c.on_unblocked, |cb, conn| cb(conn))
-            }
-            Event::Reply {
-                request,
-                channel: None,
-                result,
-                ..
-            } => {
-                let cb = {
-                    let mut st = self.shared.state.borrow_mut();
-                    let queue = &mut st.callbacks.update_secret;
-                    queue
-                        .iter()
-                        .position(|(id, _)| *id == request)
-                        .and_then(|i| queue.remove(i))
-                };
-                if let Some((_, cb)) = cb {
-                    cb(self, result.map(|_| ()));
-                }
-            }
-            Event::Reply {
-                request,
-                channel: Some(key),
-                result,
-                ..
-            } => self.channel_reply(key, request, result),
-            Event::Delivery {
-                channel,
-                consumer,
-                delivery,
-            } => self.deliver(channel, consumer, delivery),
-            Event::Returned { channel, message } => {
-                let ch = self.channel_handle(channel);
-                let none = self.run_channel_callbacks(
-                    channel,
-                    |r| &mut r.on_return,
-                    |cb| cb(&ch, &message),
-                );
-                if none {
-                    log::warn!(
-                        "{channel}: message returned ({} {}) with no return callback",
-                        message.method.reply_code,
-                        message.method.reply_text
-                    );
-                }
-            }
-            Event::Confirm {
-                channel,
-                confirmation,
-            } => {
-                let cb = self
-                    .shared
-                    .state
-                    .borrow_mut()
-                    .record_mut(channel)
-                    .and_then(|r| r.on_ack_nack.take());
-                if let Some(mut cb) = cb {
-                    cb(&self.channel_handle(channel), confirmation);
-                    if let Some(r) = self.shared.state.borrow_mut().record_mut(channel) {
-                        if r.on_ack_nack.is_none() {
-                            r.on_ack_nack = Some(cb);
-                        }
-                    }
-                }
-            }
-            Event::ConsumerEnded {
-                channel,
-                consumer,
-                by_broker,
-            } => {
-                let entry = {
-                    let mut st = self.shared.state.borrow_mut();
-                    st.record_mut(channel).and_then(|r| {
-                        let i = r.consumers.iter().position(|c| c.id == consumer)?;
-                        Some(r.consumers.remove(i))
-                    })
-                };
-                // The consumer's closure goes with no borrow held.
-                drop(entry);
-                if let Some(cancel) = by_broker {
-                    let ch = self.channel_handle(channel);
-                    self.run_channel_callbacks(
-                        channel,
-                        |r| &mut r.on_cancel,
-                        |cb| cb(&ch, &cancel),
-                    );
-                }
-            }
-            Event::Flow { channel, active } => {
-                let ch = self.channel_handle(channel);
-                self.run_channel_callbacks(channel, |r| &mut r.on_flow, |cb| cb(&ch, active));
-            }
-            Event::Watched { channel, method } => self.run_generic(channel, &method),
-            Event::ChannelClosed { channel, error } => {
-                let record = {
-                    let mut st = self.shared.state.borrow_mut();
-                    match st.channels.get_mut(channel.number as usize) {
-                        Some(slot) if slot.as_ref().is_some_and(|(k, _)| *k == channel) => {
-                            slot.take().map(|(_, r)| r)
-                        }
-                        _ => None,
-                    }
-                };
-                if let Some(mut record) = record {
-                    let on_close = std::mem::take(&mut record.on_close);
-                    // Everything else the channel kept goes first.
-                    drop(record);
-                    let ch = self.channel_handle(channel);
-                    for cb in on_close {
-                        cb(&ch, error.clone());
-                    }
-                }
-            }
-            Event::Closed { error, opened } => self.session_ended(error, opened),
-        }
-    }
-
-    fn channel_handle(&self, key: protocol::ChannelKey) -> Channel {
-        Channel::new(std::rc::Rc::downgrade(&self.shared), key)
-    }
-
-    fn channel_reply(
-        &self,
-        key: protocol::ChannelKey,
-        request: protocol::RequestId,
-        result: Result<protocol::Reply, Error>,
-    ) {
-        enum Found {
-            Open(super::OnChannelOpen),
-            Request(super::RpcCallback),
-            Nothing,
-        }
-        let found = {
-            let mut st = self.shared.state.borrow_mut();
-            match st.record_mut(key) {
-                None => Found::Nothing,
-                Some(r) => match r.on_open.take() {
-                    Some((id, cb)) if id == request => Found::Open(cb),
-                    other => {
-                        r.on_open = other;
-                        match r.requests.iter().position(|(id, _)| *id == request) {
-                            Some(i) => r
-                                .requests
-                                .remove(i)
-                                .map_or(Found::Nothing, |(_, cb)| Found::Request(cb)),
-                            None => Found::Nothing,
-                        }
-                    }
-                },
-            }
-        };
-        let ch = self.channel_handle(key);
-        match found {
-            Found::Open(cb) => cb(result.map(|_| ch)),
-            Found::Request(cb) => cb(&ch, result),
-            Found::Nothing => {}
-        }
-    }
-
-    fn deliver(
-        &self,
-        key: protocol::ChannelKey,
-        consumer: protocol::ConsumerId,
-        delivery: crate::message::Delivery,
-    ) {
-        let cb = {
-            let mut st = self.shared.state.borrow_mut();
-            st.record_mut(key).and_then(|r| {
-                r.consumers
-                    .iter_mut()
-                    .find(|c| c.id == consumer)
-                    .and_then(|c| c.on_message.take())
-            })
-        };
-        let Some(mut cb) = cb else { return };
-        cb(&self.channel_handle(key), delivery);
-        let mut st = self.shared.state.borrow_mut();
-        if let Some(entry) = st
-            .record_mut(key)
-            .and_then(|r| r.consumers.iter_mut().find(|c| c.id == consumer))
-        {
-            if entry.on_message.is_none() {
-                entry.on_message = Some(cb);
-                return;
-            }
-        }
-        drop(st);
-        // The consumer went while its callback ran: the closure goes now,
-        // with no borrow held.
-        drop(cb);
-    }
-
-    /// Calls every callback of a repeating connection-level list with no
-    /// borrow held, then puts the list back ahead of any added meanwhile —
-    /// unless the connection closed meanwhile.
-    pub(super) fn run_connection_callbacks<T: ?Sized>(
-        &self,
-        list: fn(&mut super::Callbacks) -> &mut Vec<Box<T>>,
-        mut call: impl FnMut(&mut Box<T>, &SelectConnection),
-    ) {
-        let mut callbacks = std::mem::take(list(&mut self.shared.state.borrow_mut().callbacks));
-        for cb in callbacks.iter_mut() {
-            call(cb, self);
-        }
-        let mut st = self.shared.state.borrow_mut();
-        if !st.closed {
-            let added = list(&mut st.callbacks);
-            callbacks.append(added);
-            *added = callbacks;
-        }
-    }
-
-    /// The same for a channel's lists; returns whether the list was empty.
-    fn run_channel_callbacks<T: ?Sized>(
-        &self,
-        key: protocol::ChannelKey,
-        list: fn(&mut ChannelRecord) -> &mut Vec<Box<T>>,
-        mut call: impl FnMut(&mut Box<T>),
-    ) -> bool {
-        let mut callbacks = match self.shared.state.borrow_mut().record_mut(key) {
-            Some(r) => std::mem::take(list(r)),
-            None => return true,
-        };
-        let empty = callbacks.is_empty();
-        for cb in callbacks.iter_mut() {
-            call(cb);
-        }
-        let mut st = self.shared.state.borrow_mut();
-        if let Some(r) = st.record_mut(key) {
-            let added = list(r);
-            callbacks.append(added);
-            *added = callbacks;
-        }
-        empty
-    }
-
-    /// pika's generic callbacks for a watched method: one-shot ones are
-    /// removed first, and the core told what is still watched.
-    fn run_generic(&self, key: protocol::ChannelKey, method: &crate::spec::Method) {
-        let id = method.id();
-        let hits: Vec<(usize, bool, Option<super::OnMethod>)> = {
-            let mut st = self.shared.state.borrow_mut();
-            let Some(r) = st.record_mut(key) else { return };
-            r.generic
-                .iter_mut()
-                .enumerate()
-                .filter(|(_, g)| g.replies.contains(&id))
-                .map(|(i, g)| (i, g.one_shot, g.callback.take()))
-                .collect()
-        };
-        let ch = self.channel_handle(key);
-        let mut keep = Vec::new();
-        for (i, one_shot, cb) in hits {
-            if let Some(mut cb) = cb {
-                cb(&ch, method);
-                if !one_shot {
-                    keep.push((i, cb));
-                }
-            }
-        }
-        let mut st = self.shared.state.borrow_mut();
-        let st = &mut *st;
-        let Some(r) = st.record_mut(key) else { return };
-        for (i, cb) in keep {
-            if let Some(g) = r.generic.get_mut(i) {
-                if g.callback.is_none() {
-                    g.callback = Some(cb);
-                }
-            }
-        }
-        r.generic.retain(|g| g.callback.is_some());
-        let watched: Vec<_> = r
-            .generic
-            .iter()
-            .flat_map(|g| g.replies.iter().copied())
-            .collect();
-        if let Some(core) = st.core_mut() {
-            core.watch_methods(key, watched);
-        }
-    }
-
-    /// The face's connection state.
-    pub(super) fn face_state(st: &State) -> ConnectionState {
-        if st.closed {
-            return ConnectionState::Closed;
-        }
-        match st.core() {
-            None => ConnectionState::Connecting,
-            Some(core) => match core.phase() {
-                Phase::Protocol => ConnectionState::Protocol,
-                Phase::Start => ConnectionState::Start,
-                Phase::Tune => ConnectionState::Tune,
-                Phase::Open => ConnectionState::Open,
-                Phase::Closing => ConnectionState::Closing,
-                // An open connection's core ended: closed, also while its
-                // channels' close callbacks run. An attempt's core that
-                // never opened: the workflow decides what comes next.
-                Phase::Closed if core.opened() => ConnectionState::Closed,
-                Phase::Closed => ConnectionState::Connecting,
-            },
-        }
     }
 }

@@ -1,5 +1,5 @@
 //! The callback face: [`SelectConnection`] and [`Channel`] on an
-//! [`IoLoop`](ioloop::IoLoop), in pika's continuation-passing style, and
+//! [`IoLoop`], in pika's continuation-passing style, and
 //! [`ConnectionHandle`] for other threads.
 //!
 //! The face owns the user's closures — keyed by request id, consumer id
@@ -46,6 +46,7 @@
 
 mod channel;
 mod connection;
+mod dispatch;
 mod driver;
 mod handle;
 
