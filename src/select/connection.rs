@@ -164,7 +164,6 @@ impl SelectConnection {
                 retry_timer: None,
                 session: None,
                 closed: false,
-                epochs: 0,
                 next_request: 1,
                 callbacks,
                 channels: Vec::new(),

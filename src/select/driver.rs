@@ -308,12 +308,11 @@ impl SelectConnection {
         {
             let mut st = self.shared.state.borrow_mut();
             let st = &mut *st;
-            st.epochs += 1;
             let params = st.params.clone();
             let Some(s) = st.session.as_mut() else { return };
             let handshake_deadline = params.stack_timeout().map(|t| (s.started + t, t));
             let config = Config {
-                epoch: st.epochs,
+                epoch: super::next_epoch(),
                 first_request_id: st.next_request,
                 handshake_deadline,
                 peer: s.address.to_string(),

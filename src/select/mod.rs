@@ -162,8 +162,6 @@ struct State {
     session: Option<Session>,
     /// The connection is over (terminal callback run or running).
     closed: bool,
-    /// Counts attempts: each core instance gets the next epoch.
-    epochs: u64,
     /// The next request id (carried from one core instance to the next).
     next_request: u64,
     callbacks: Callbacks,
@@ -189,6 +187,15 @@ impl State {
             _ => None,
         }
     }
+}
+
+/// Epochs are unique in the process: a delivery's epoch names the one
+/// connection instance (face and attempt) it came from.
+static NEXT_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The epoch for a new core instance.
+fn next_epoch() -> u64 {
+    NEXT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Closures queued by other threads.
