@@ -481,7 +481,7 @@ impl Consumer {
         let bound = channel.queue_bind(
             &s.queue,
             &s.exchange,
-            &s.routing_key,
+            Some(&s.routing_key),
             FieldTable::new(),
             move |ch, r| match r {
                 Ok(_) => me.on_bindok(ch),

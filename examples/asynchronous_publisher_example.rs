@@ -489,7 +489,7 @@ impl Publisher {
         let sent = channel.queue_bind(
             &s.queue,
             &s.exchange,
-            &s.routing_key,
+            Some(&s.routing_key),
             FieldTable::new(),
             move |ch, r| match r {
                 Ok(_) => {
@@ -529,29 +529,22 @@ impl Publisher {
     }
 
     fn on_delivery_confirmation(self: &Rc<Self>, confirmation: Confirmation) {
-        let (kind, settled) = {
+        // The confirmation lists every tag it settles (all of them at once
+        // for a `multiple` ack or nack, and for a channel's end).
+        let kind = if confirmation.is_ack() {
+            "ack"
+        } else if confirmation.is_nack() {
+            "nack"
+        } else {
+            "failed"
+        };
+        let settled = {
             let mut deliveries = self.deliveries.borrow_mut();
-            let mut settle = |tag: u64, multiple: bool| -> u64 {
-                if multiple {
-                    let tags: Vec<u64> = deliveries.range(..=tag).copied().collect();
-                    tags.iter().filter(|t| deliveries.remove(t)).count() as u64
-                } else {
-                    u64::from(deliveries.remove(&tag))
-                }
-            };
-            match &confirmation {
-                Confirmation::Ack {
-                    delivery_tag,
-                    multiple,
-                } => ("ack", settle(*delivery_tag, *multiple)),
-                Confirmation::Nack {
-                    delivery_tag,
-                    multiple,
-                } => ("nack", settle(*delivery_tag, *multiple)),
-                Confirmation::Failed { delivery_tag, .. } => {
-                    ("failed", settle(*delivery_tag, false))
-                }
-            }
+            confirmation
+                .settled()
+                .iter()
+                .filter(|tag| deliveries.remove(tag))
+                .count() as u64
         };
         self.count(|s| match kind {
             "ack" => s.acked += settled,
@@ -560,8 +553,8 @@ impl Publisher {
         });
         let s = self.stats();
         self.log(format_args!(
-            "{kind} for delivery tag {}: published {}, unconfirmed {}, acked {}, nacked {}, failed {}",
-            confirmation.delivery_tag(),
+            "{kind} for delivery tags {:?}: published {}, unconfirmed {}, acked {}, nacked {}, failed {}",
+            confirmation.settled(),
             s.published,
             s.unconfirmed(),
             s.acked,

@@ -359,7 +359,7 @@ impl Consumer {
         let sent = channel.queue_bind(
             &s.queue,
             &s.exchange,
-            &s.routing_key,
+            Some(&s.routing_key),
             FieldTable::new(),
             move |ch, r| {
                 if let Err(e) = r {

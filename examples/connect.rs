@@ -46,7 +46,7 @@ fn on_channel_open(result: Result<Channel, Error>) {
 /// Step 4: the channel is closed — close the connection.
 fn on_channel_closed(channel: &Channel, reason: Error) {
     println!("channel {} closed: {reason}", channel.channel_number());
-    if let Some(conn) = channel.connection() {
+    if let Ok(conn) = channel.connection() {
         if let Err(e) = conn.close(200, "example done") {
             eprintln!("cannot close the connection: {e}");
         }

@@ -169,8 +169,8 @@ impl Rpc {
                 Ok(_) => {
                     println!("[server] waiting for requests");
                     match ch.connection() {
-                        Some(conn) => on_ok.start_client(&conn),
-                        None => println!("[server] the connection is gone"),
+                        Ok(conn) => on_ok.start_client(&conn),
+                        Err(e) => println!("[server] {e}"),
                     }
                 }
                 Err(e) => println!("[server] consume refused: {e}"),

@@ -248,16 +248,64 @@ use std::time::Duration;
 ///
 /// `Error` is `Clone + Send + Sync + 'static`: one connection loss reaches
 /// every pending completion closure, so I/O errors are kept behind an
-/// [`Arc`]. [`Error::is_connection_error`] and [`Error::is_channel_error`]
-/// sort errors into pika's two families (`AMQPConnectionError`,
-/// `AMQPChannelError`).
+/// [`Arc`].
+///
+/// # pika's exceptions
+///
+/// pika's `except` clauses have one-line equivalents: a family predicate,
+/// a variant, or a predicate for pika's intermediate classes.
+///
+/// | pika | here |
+/// | --- | --- |
+/// | `AMQPConnectionError` (and every child) | [`Error::is_connection_error`] |
+/// | `AMQPChannelError` (and every child) | [`Error::is_channel_error`] |
+/// | `ConnectionClosed` | [`Error::is_connection_closed`], with [`Error::reply_code`] / [`Error::reply_text`] |
+/// | `ConnectionClosedByBroker` | [`Error::ConnectionClosedByBroker`] |
+/// | `ConnectionClosedByClient` | [`Error::ConnectionClosedByClient`] |
+/// | `ConnectionOpenAborted` | [`Error::ConnectionOpenAborted`] |
+/// | `ConnectionWrongStateError` | [`Error::ConnectionWrongState`] |
+/// | `ConnectionBlockedTimeout` | [`Error::ConnectionBlockedTimeout`] |
+/// | `AMQPHeartbeatTimeout` | [`Error::AmqpHeartbeatTimeout`] |
+/// | `StreamLostError` | [`Error::StreamLost`] |
+/// | `IncompatibleProtocolError` | [`Error::IncompatibleProtocol`] |
+/// | `AuthenticationError` | [`Error::AuthenticationError`] |
+/// | `ProbableAuthenticationError` | [`Error::ProbableAuthenticationError`] |
+/// | `ProbableAccessDeniedError` | [`Error::ProbableAccessDeniedError`] |
+/// | `AMQPConnectionWorkflowFailed` | [`Error::ConnectionWorkflowFailed`] |
+/// | `NoFreeChannels` | [`Error::NoFreeChannels`] |
+/// | `ChannelClosed` | [`Error::is_channel_closed`], with [`Error::reply_code`] / [`Error::reply_text`] |
+/// | `ChannelClosedByBroker` | [`Error::ChannelClosedByBroker`] |
+/// | `ChannelClosedByClient` | [`Error::ChannelClosedByClient`] |
+/// | `ChannelWrongStateError` | [`Error::ChannelWrongState`] |
+/// | `DuplicateConsumerTag` | [`Error::DuplicateConsumerTag`] |
+/// | `ConsumerCancelled` | [`Error::ConsumerCancelled`] |
+/// | `DuplicateGetOkCallback` | [`Error::DuplicateGetOkCallback`] |
+/// | `MethodNotImplemented` | [`Error::is_method_not_implemented`] (RabbitMQ's 540) |
+/// | `InvalidChannelNumber` | [`Error::InvalidChannelNumber`] |
+/// | `ProtocolSyntaxError`, `InvalidFrameError`, `UnexpectedFrameError` | [`Error::Protocol`], [`Error::UnexpectedFrame`] |
+/// | `ShortStringTooLong` | [`Error::Encode`] |
+///
+/// The seed's recovery loop (pika's docs, 2.3.5) reads:
 ///
 /// ```
 /// use pika::Error;
+///
+/// fn what_next(e: &Error) -> &'static str {
+///     match e {
+///         Error::ConnectionClosedByBroker { .. } => "recover",
+///         e if e.is_channel_error() => "stop",
+///         e if e.is_connection_error() => "retry",
+///         _ => "stop",
+///     }
+/// }
 /// let e = Error::ConnectionClosedByBroker { reply_code: 320, reply_text: "CONNECTION_FORCED".into() };
-/// assert!(e.is_connection_error());
+/// assert!(e.is_connection_error() && e.is_connection_closed());
 /// assert_eq!(e.reply_code(), Some(320));
 /// assert_eq!(e.to_string(), "connection closed by broker: (320) CONNECTION_FORCED");
+/// assert_eq!(what_next(&e), "recover");
+/// let e = Error::ChannelClosedByBroker { reply_code: 404, reply_text: "NOT_FOUND".into() };
+/// assert!(e.is_channel_closed());
+/// assert_eq!(what_next(&e), "stop");
 /// ```
 #[derive(Debug, Clone, Error)]
 #[non_exhaustive]
@@ -527,6 +575,32 @@ impl Error {
                 | Error::DuplicateGetOkCallback
                 | Error::ConsumerCancelled { .. }
         )
+    }
+
+    /// pika's `ConnectionClosed`: closed by the broker or by this client
+    /// (with a reply code and text).
+    pub fn is_connection_closed(&self) -> bool {
+        matches!(
+            self,
+            Error::ConnectionClosedByBroker { .. } | Error::ConnectionClosedByClient { .. }
+        )
+    }
+
+    /// pika's `ChannelClosed`: closed by the broker or by this client
+    /// (with a reply code and text).
+    pub fn is_channel_closed(&self) -> bool {
+        matches!(
+            self,
+            Error::ChannelClosedByBroker { .. } | Error::ChannelClosedByClient { .. }
+        )
+    }
+
+    /// pika's `MethodNotImplemented`: the broker closed with 540
+    /// NOT_IMPLEMENTED (RabbitMQ does for `flow(false)`,
+    /// `basic_recover(requeue=false)` and a non-zero `prefetch_size`).
+    pub fn is_method_not_implemented(&self) -> bool {
+        self.reply_code() == Some(crate::spec::NOT_IMPLEMENTED)
+            && (self.is_connection_closed() || self.is_channel_closed())
     }
 
     /// The AMQP reply code the error carries, when it has one.

@@ -73,6 +73,7 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod ack;
 pub mod credentials;
 pub mod error;
 pub mod frame;
@@ -104,6 +105,7 @@ pub mod channel {
     pub use crate::select::Channel;
 }
 
+pub use ack::{AckHandle, Settle};
 pub use channel::{
     BasicConsumeOptions, Channel, ChannelState, Confirmation, Delivery, ExchangeDeclareOptions,
     GetMessage, QueueDeclareOptions, QueueDeleteOptions, ReturnedMessage,
@@ -113,7 +115,7 @@ pub use credentials::{Credentials, ExternalCredentials, PlainCredentials};
 pub use error::{CodecError, Error};
 pub use ioloop::{HandlerId, Interest, IoLoop, IoLoopWaker, Readiness, TimeoutId};
 pub use parameters::{ConnectionParameters, Heartbeat, TcpOptions, UrlParameters};
-pub use spec::{BasicProperties, PropertiesError};
+pub use spec::{BasicProperties, DeliveryMode, PropertiesError};
 pub use table::{Decimal, FieldTable, FieldValue, LongString};
 pub use tls::SslOptions;
 

@@ -68,46 +68,74 @@ pub struct ReturnedMessage {
     pub properties_error: Option<PropertiesError>,
 }
 
-/// What became of published messages in confirm mode.
+/// What became of published messages in confirm mode, one call per
+/// Basic.Ack or Basic.Nack from the broker (never one per tag): `settled`
+/// holds every delivery tag it settled — with `multiple`, each unconfirmed
+/// tag up to and including `delivery_tag` — in ascending order. When the
+/// channel ends with publishes still unconfirmed, one
+/// [`Confirmation::Failed`] lists them all.
+///
+/// ```
+/// use pika::Confirmation;
+///
+/// let c = Confirmation::Ack { delivery_tag: 5, multiple: true, settled: vec![3, 4, 5] };
+/// assert!(c.is_ack());
+/// assert_eq!(c.settled(), [3, 4, 5]);
+/// ```
 #[derive(Debug, Clone)]
 pub enum Confirmation {
     /// The broker took responsibility for the message (or, with
     /// `multiple`, for every message up to and including the tag).
     Ack {
-        /// The delivery tag [`Channel::basic_publish`](crate::Channel::basic_publish) returned.
+        /// The delivery tag the broker named (one that
+        /// [`Channel::basic_publish`](crate::Channel::basic_publish) returned).
         delivery_tag: u64,
         /// Whether it covers every earlier tag too.
         multiple: bool,
+        /// The tags it settled, ascending.
+        settled: Vec<u64>,
     },
     /// The broker could not take the message(s).
     Nack {
-        /// The delivery tag.
+        /// The delivery tag the broker named.
         delivery_tag: u64,
         /// Whether it covers every earlier tag too.
         multiple: bool,
+        /// The tags it settled, ascending.
+        settled: Vec<u64>,
     },
-    /// The channel or connection closed before the broker confirmed the
-    /// message: its fate is unknown.
+    /// The channel or connection closed before the broker confirmed these
+    /// messages: their fate is unknown.
     Failed {
-        /// The delivery tag.
-        delivery_tag: u64,
+        /// The tags still unconfirmed, ascending.
+        settled: Vec<u64>,
         /// Why the channel closed.
         error: Error,
     },
 }
 
 impl Confirmation {
-    /// The delivery tag this confirmation is about.
-    pub fn delivery_tag(&self) -> u64 {
+    /// Every delivery tag this confirmation settles, ascending.
+    pub fn settled(&self) -> &[u64] {
         match self {
-            Confirmation::Ack { delivery_tag, .. }
-            | Confirmation::Nack { delivery_tag, .. }
-            | Confirmation::Failed { delivery_tag, .. } => *delivery_tag,
+            Confirmation::Ack { settled, .. }
+            | Confirmation::Nack { settled, .. }
+            | Confirmation::Failed { settled, .. } => settled,
         }
     }
 
-    /// Whether it is an Ack.
+    /// Whether the broker acked.
     pub fn is_ack(&self) -> bool {
         matches!(self, Confirmation::Ack { .. })
+    }
+
+    /// Whether the broker nacked.
+    pub fn is_nack(&self) -> bool {
+        matches!(self, Confirmation::Nack { .. })
+    }
+
+    /// Whether the channel ended before the broker answered.
+    pub fn is_failed(&self) -> bool {
+        matches!(self, Confirmation::Failed { .. })
     }
 }

@@ -124,17 +124,19 @@ pub(crate) fn exchange_unbind(
     .into()
 }
 
+/// Queue.Bind; a routing key of `None` is the queue's name (pika's
+/// default).
 pub(crate) fn queue_bind(
     queue: &str,
     exchange: &str,
-    routing_key: &str,
+    routing_key: Option<&str>,
     arguments: FieldTable,
     nowait: bool,
 ) -> Method {
     queue::Bind {
         queue: queue.into(),
         exchange: exchange.into(),
-        routing_key: routing_key.into(),
+        routing_key: routing_key.unwrap_or(queue).into(),
         arguments,
         nowait,
         ..Default::default()

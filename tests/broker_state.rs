@@ -95,10 +95,12 @@ fn connect(
     )
     .unwrap();
     let (lb, lu) = (log.clone(), log.clone());
-    conn.add_on_connection_blocked_callback(move |_, reason| {
-        lb.events.borrow_mut().push(format!("blocked: {reason}"));
+    conn.add_on_connection_blocked_callback(move |_, blocked| {
+        lb.events
+            .borrow_mut()
+            .push(format!("blocked: {}", blocked.reason));
     });
-    conn.add_on_connection_unblocked_callback(move |_| {
+    conn.add_on_connection_unblocked_callback(move |_, _| {
         lu.events.borrow_mut().push("unblocked".into());
     });
     conn

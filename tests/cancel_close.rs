@@ -250,7 +250,7 @@ fn close_connection(conn: &SelectConnection, events: &Events) {
 /// that close only the channel).
 fn then_close_connection(ch: &Channel) {
     ch.add_on_close_callback(|ch, _| {
-        if let Some(conn) = ch.connection() {
+        if let Ok(conn) = ch.connection() {
             let _ = conn.close(200, "after the channel");
         }
     });
@@ -606,7 +606,7 @@ fn cancel_then_connection_close_finishes_promptly_against_rabbitmq() {
                 ch.queue_declare(&queue, opts, FieldTable::new(), move |ch, r| {
                     let q = r.unwrap().queue;
                     for i in 0..20u8 {
-                        ch.basic_publish("", &q, &[i], &BasicProperties::default(), false)
+                        ch.basic_publish("", &q, [i], &BasicProperties::default(), false)
                             .unwrap();
                     }
                     let o2 = o.clone();

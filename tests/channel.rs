@@ -318,7 +318,7 @@ fn exchange_declare_bind_unbind_and_delete_each_get_their_reply() {
                 step(move |ch, next| {
                     ch.queue_declare(q, exclusive(), FieldTable::new(), move |ch, ok| {
                         assert_eq!(ok.expect("queue declared").queue, q);
-                        ch.queue_bind(q, dst, "k", FieldTable::new(), move |ch, ok| {
+                        ch.queue_bind(q, dst, Some("k"), FieldTable::new(), move |ch, ok| {
                             ok.expect("queue bound");
                             log("queue bound");
                             next.go(ch);
@@ -424,7 +424,8 @@ fn nowait_forms_take_effect_as_later_replies_show() {
                         .unwrap();
                     ch.queue_declare_nowait(q, exclusive(), FieldTable::new())
                         .unwrap();
-                    ch.queue_bind_nowait(q, x, "k", FieldTable::new()).unwrap();
+                    ch.queue_bind_nowait(q, x, Some("k"), FieldTable::new())
+                        .unwrap();
                     ch.exchange_bind_nowait(x, fan, "", FieldTable::new())
                         .unwrap();
                     // Replies to later requests prove the nowait ones happened.
@@ -565,7 +566,7 @@ fn queue_bind_unbind_purge_and_delete_report_their_counts() {
                             (ok.queue.as_str(), ok.message_count, ok.consumer_count),
                             (q, 0, 0)
                         );
-                        ch.queue_bind(q, "amq.direct", q, FieldTable::new(), move |ch, ok| {
+                        ch.queue_bind(q, "amq.direct", None, FieldTable::new(), move |ch, ok| {
                             ok.expect("bound");
                             for _ in 0..3 {
                                 publish(ch, "amq.direct", q, b"via amq.direct");
@@ -577,7 +578,7 @@ fn queue_bind_unbind_purge_and_delete_report_their_counts() {
                     .unwrap();
                 }),
                 step(move |ch, next| {
-                    ch.queue_unbind(q, "amq.direct", q, FieldTable::new(), move |ch, ok| {
+                    ch.queue_unbind(q, "amq.direct", None, FieldTable::new(), move |ch, ok| {
                         ok.expect("unbound");
                         publish(ch, "amq.direct", q, b"no route any more");
                         publish(ch, "", q, b"via the default exchange");
@@ -1646,16 +1647,19 @@ impl Confirms {
         assert!(self.outstanding.insert(tag), "tag {tag} given twice");
     }
 
-    /// Records one confirmation; returns the tags it settled.
+    /// Records one confirmation; returns the tags it settled (which the
+    /// confirmation lists itself: checked against the outstanding tags).
     fn record(&mut self, c: &Confirmation) -> Vec<u64> {
         let (kind, tags): (&'static str, Vec<u64>) = match *c {
             Confirmation::Ack {
                 delivery_tag,
                 multiple,
+                ..
             }
             | Confirmation::Nack {
                 delivery_tag,
                 multiple,
+                ..
             } => {
                 let kind = if c.is_ack() { "ack" } else { "nack" };
                 if multiple {
@@ -1671,13 +1675,14 @@ impl Confirms {
                 }
             }
             Confirmation::Failed {
-                delivery_tag,
+                ref settled,
                 ref error,
             } => {
                 self.failed_with.push(error.clone());
-                ("failed", vec![delivery_tag])
+                ("failed", settled.clone())
             }
         };
+        assert_eq!(c.settled(), tags, "the confirmation lists what it settles");
         for &tag in &tags {
             assert!(
                 self.outstanding.remove(&tag),
@@ -2292,8 +2297,10 @@ fn queued_requests_go_out_one_at_a_time_and_complete_in_call_order() {
         .unwrap();
         ch.queue_declare(q1, exclusive(), args(), move |c, r| done(1)(c, r.map(drop)))
             .unwrap();
-        ch.queue_bind(q1, x1, "k", args(), move |c, r| done(2)(c, r.map(drop)))
-            .unwrap();
+        ch.queue_bind(q1, x1, Some("k"), args(), move |c, r| {
+            done(2)(c, r.map(drop))
+        })
+        .unwrap();
         ch.exchange_declare(x2, exchange_type("fanout"), args(), move |c, r| {
             done(3)(c, r.map(drop))
         })
@@ -2302,8 +2309,10 @@ fn queued_requests_go_out_one_at_a_time_and_complete_in_call_order() {
             .unwrap();
         ch.queue_declare(q2, exclusive(), args(), move |c, r| done(5)(c, r.map(drop)))
             .unwrap();
-        ch.queue_bind(q2, x2, "", args(), move |c, r| done(6)(c, r.map(drop)))
-            .unwrap();
+        ch.queue_bind(q2, x2, Some(""), args(), move |c, r| {
+            done(6)(c, r.map(drop))
+        })
+        .unwrap();
         ch.basic_qos(0, 7, false, move |c, r| done(7)(c, r.map(drop)))
             .unwrap();
         ch.exchange_delete(x2, false, move |c, r| done(8)(c, r.map(drop)))
@@ -2487,12 +2496,18 @@ fn assert_every_operation_refused(ch: &Channel) {
             "queue_declare_nowait",
             ch.queue_declare_nowait("q", Default::default(), args()),
         ),
-        ("queue_bind", ch.queue_bind("q", "x", "", args(), never)),
+        (
+            "queue_bind",
+            ch.queue_bind("q", "x", Some(""), args(), never),
+        ),
         (
             "queue_bind_nowait",
-            ch.queue_bind_nowait("q", "x", "", args()),
+            ch.queue_bind_nowait("q", "x", Some(""), args()),
         ),
-        ("queue_unbind", ch.queue_unbind("q", "x", "", args(), never)),
+        (
+            "queue_unbind",
+            ch.queue_unbind("q", "x", Some(""), args(), never),
+        ),
         ("queue_purge", ch.queue_purge("q", never)),
         ("queue_purge_nowait", ch.queue_purge_nowait("q")),
         (
@@ -2710,10 +2725,13 @@ fn names_over_255_bytes_are_encode_errors_at_the_call_and_nothing_is_sent() {
                 "exchange_declare",
                 ch.exchange_declare(long, Default::default(), args(), never),
             ),
-            ("queue_bind", ch.queue_bind("q", long, "", args(), never)),
+            (
+                "queue_bind",
+                ch.queue_bind("q", long, Some(""), args(), never),
+            ),
             (
                 "queue_bind routing key",
-                ch.queue_bind("q", "x", long, args(), never),
+                ch.queue_bind("q", "x", Some(long), args(), never),
             ),
             (
                 "exchange_bind",
@@ -3026,11 +3044,11 @@ fn every_channel_operation_is_callable_from_inside_another_channels_callback() {
                         done("queue_declare")(c, r.map(drop))
                     })
                     .unwrap();
-                    ch.queue_bind(q, x, "k", args(), move |c, r| {
+                    ch.queue_bind(q, x, Some("k"), args(), move |c, r| {
                         done("queue_bind")(c, r.map(drop))
                     })
                     .unwrap();
-                    ch.queue_unbind(q, x, "k", args(), move |c, r| {
+                    ch.queue_unbind(q, x, Some("k"), args(), move |c, r| {
                         done("queue_unbind")(c, r.map(drop))
                     })
                     .unwrap();
@@ -3409,7 +3427,7 @@ fn ten_thousand_messages_are_consumed_in_order_with_manual_acks() {
         .unwrap();
         for i in 0..N {
             let props = BasicProperties::default().with_message_id(i.to_string());
-            ch.basic_publish("", q, &i.to_be_bytes(), &props, false)
+            ch.basic_publish("", q, i.to_be_bytes(), &props, false)
                 .unwrap();
         }
         ch.basic_consume(

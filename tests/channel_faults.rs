@@ -862,7 +862,8 @@ fn read_publish(conn: &mut FakeConn) -> Vec<u8> {
 }
 
 #[test]
-fn a_broker_channel_close_fails_exactly_the_unconfirmed_publishes_before_the_close_callback() {
+fn a_broker_channel_close_fails_exactly_the_unconfirmed_publishes_in_one_call_before_the_close_callback()
+ {
     let fake = FakeBroker::start(|mut conn| {
         open_channel(&mut conn);
         conn.expect::<confirm::Select>(1);
@@ -904,7 +905,7 @@ fn a_broker_channel_close_fails_exactly_the_unconfirmed_publishes_before_the_clo
             |ch, r| {
                 r.unwrap();
                 for i in 1..=6u8 {
-                    let tag = ch.basic_publish("", "q", &[i], &BasicProperties::default(), false);
+                    let tag = ch.basic_publish("", "q", [i], &BasicProperties::default(), false);
                     assert_eq!(tag.unwrap(), Some(u64::from(i)));
                 }
             },
@@ -923,16 +924,19 @@ fn a_broker_channel_close_fails_exactly_the_unconfirmed_publishes_before_the_clo
             Event::Confirm(Confirmation::Ack {
                 delivery_tag,
                 multiple,
-            }) => Some(format!("ack {delivery_tag} multiple={multiple}")),
+                settled,
+            }) => Some(format!(
+                "ack {delivery_tag} multiple={multiple} settled {settled:?}"
+            )),
             Event::Confirm(Confirmation::Nack {
                 delivery_tag,
                 multiple,
-            }) => Some(format!("nack {delivery_tag} multiple={multiple}")),
-            Event::Confirm(Confirmation::Failed {
-                delivery_tag,
-                error,
+                settled,
             }) => Some(format!(
-                "failed {delivery_tag} {}",
+                "nack {delivery_tag} multiple={multiple} settled {settled:?}"
+            )),
+            Event::Confirm(Confirmation::Failed { settled, error }) => Some(format!(
+                "failed {settled:?} {}",
                 error.reply_code().unwrap_or(0)
             )),
             Event::ChannelClosed(e) => {
@@ -944,10 +948,9 @@ fn a_broker_channel_close_fails_exactly_the_unconfirmed_publishes_before_the_clo
     assert_eq!(
         settled,
         [
-            "ack 3 multiple=true",
-            "nack 5 multiple=false",
-            "failed 4 404",
-            "failed 6 404",
+            "ack 3 multiple=true settled [1, 2, 3]",
+            "nack 5 multiple=false settled [5]",
+            "failed [4, 6] 404",
             "channel closed 404"
         ]
     );
@@ -988,7 +991,7 @@ fn a_lost_stream_completes_every_pending_request_once_in_order_and_fails_unconfi
             .unwrap();
         }
         for i in 1..=2u8 {
-            ch.basic_publish("", "q", &[i], &BasicProperties::default(), false)
+            ch.basic_publish("", "q", [i], &BasicProperties::default(), false)
                 .unwrap();
         }
     });
@@ -1002,9 +1005,9 @@ fn a_lost_stream_completes_every_pending_request_once_in_order_and_fails_unconfi
             Event::Completion(name, Err(Error::StreamLost { .. })) => Some(name.to_string()),
             Event::Completion(name, other) => panic!("{name}: {other:?}"),
             Event::Confirm(Confirmation::Failed {
-                delivery_tag,
+                settled,
                 error: Error::StreamLost { .. },
-            }) => Some(format!("failed {delivery_tag}")),
+            }) => Some(format!("failed {settled:?}")),
             Event::Confirm(other) => panic!("{other:?}"),
             Event::ChannelClosed(_) => Some("channel closed".into()),
             Event::Closed(_) => Some("connection closed".into()),
@@ -1017,8 +1020,7 @@ fn a_lost_stream_completes_every_pending_request_once_in_order_and_fails_unconfi
             "declare 1",
             "declare 2",
             "declare 3",
-            "failed 1",
-            "failed 2",
+            "failed [1, 2]",
             "channel closed",
             "connection closed"
         ]

@@ -495,6 +495,59 @@ fn connection_attempts_and_retry_delay_are_honoured() {
 }
 
 #[test]
+fn several_sets_are_tried_in_passes_counted_and_paced_by_the_last_set() {
+    // Both sets point at a dead port. The first set asks for 5 attempts 3 s
+    // apart, the last for 2 passes 200 ms apart: as in pika 1.1, the last
+    // set's values apply to passes over the whole list.
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = |attempts: u32, delay: Duration| {
+        let mut p = broker_params();
+        p.set_host("127.0.0.1")
+            .unwrap()
+            .set_port(dead_port)
+            .unwrap()
+            .set_connection_attempts(attempts)
+            .unwrap();
+        p.set_retry_delay(delay);
+        p
+    };
+    let sets = vec![
+        dead(5, Duration::from_secs(3)),
+        dead(2, Duration::from_millis(200)),
+    ];
+    let errors = Rc::new(RefCell::new(Vec::new()));
+    let e = errors.clone();
+    let started = Instant::now();
+    let conn = SelectConnection::create(
+        sets,
+        |_| panic!("must not open"),
+        move |conn, err| {
+            e.borrow_mut().push(err);
+            conn.ioloop().stop();
+        },
+        |_, _| panic!("never opened"),
+        None,
+    )
+    .unwrap();
+    run_loop(conn.ioloop(), LIMIT);
+    let elapsed = started.elapsed();
+    match errors.borrow().as_slice() {
+        [Error::ConnectionWorkflowFailed { attempts }] => {
+            assert_eq!(attempts.len(), 4, "2 passes x 2 sets: {attempts:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // One pause of 200 ms; the first set's 3 s were never waited (a
+    // liveness bound with slack, not a timing).
+    assert!(elapsed >= Duration::from_millis(200), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+}
+
+#[test]
 fn outbound_buffer_is_visible_and_drained_callback_fires_below_low_water() {
     let drained = Rc::new(Cell::new(0u32));
     let seen_size = Rc::new(Cell::new(0usize));

@@ -179,19 +179,8 @@ fn publish(exchange: &str, routing_key: &str, bodies: Vec<String>) {
                 ch.confirm_delivery(
                     move |ch, c| {
                         let mut open = u.borrow_mut();
-                        let tags: Vec<u64> = match &c {
-                            Confirmation::Ack {
-                                delivery_tag,
-                                multiple: true,
-                            }
-                            | Confirmation::Nack {
-                                delivery_tag,
-                                multiple: true,
-                            } => open.range(..=*delivery_tag).copied().collect(),
-                            other => vec![other.delivery_tag()],
-                        };
-                        for t in tags {
-                            open.remove(&t);
+                        for t in c.settled() {
+                            assert!(open.remove(t), "tag {t} settled once: {c:?}");
                             settled.set(settled.get() + 1);
                         }
                         o.borrow_mut().push(c);
@@ -511,19 +500,19 @@ fn asynchronous_publisher_counts_every_confirmation_across_reconnections() {
     assert_eq!(first.published, first.acked + first.failed);
     // The ones published while confirms were held were Failed.
     assert!(second.failed >= 3, "{summary:?}");
-    let failed_events = seen
+    // One Failed confirmation lists them all.
+    let failed: Vec<&Confirmation> = seen
         .iter()
-        .filter(|e| {
-            matches!(
-                e,
-                publisher::Event::Confirmed {
-                    connection: 2,
-                    confirmation: Confirmation::Failed { .. }
-                }
-            )
+        .filter_map(|e| match e {
+            publisher::Event::Confirmed {
+                connection: 2,
+                confirmation: c @ Confirmation::Failed { .. },
+            } => Some(c),
+            _ => None,
         })
-        .count() as u64;
-    assert_eq!(failed_events, second.failed);
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].settled().len() as u64, second.failed);
     // The stop waited for the last connection's confirmations.
     assert_eq!(third.failed, 0, "{summary:?}");
     assert_eq!(third.acked, third.published, "{summary:?}");

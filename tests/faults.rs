@@ -123,11 +123,11 @@ fn connect(
     )
     .expect("connection created");
     let o = outcome.clone();
-    conn.add_on_connection_blocked_callback(move |_, reason| {
-        o.push(Event::Blocked(reason.to_string()))
+    conn.add_on_connection_blocked_callback(move |_, blocked| {
+        o.push(Event::Blocked(blocked.reason.clone()))
     });
     let o = outcome.clone();
-    conn.add_on_connection_unblocked_callback(move |_| o.push(Event::Unblocked));
+    conn.add_on_connection_unblocked_callback(move |_, _| o.push(Event::Unblocked));
     (conn, outcome)
 }
 
@@ -768,7 +768,7 @@ fn blocked_and_unblocked_reach_their_callbacks_and_unblocking_stops_the_timeout(
         r.borrow_mut().push(conn.blocked_reason());
     });
     let r = reasons.clone();
-    conn.add_on_connection_unblocked_callback(move |conn| {
+    conn.add_on_connection_unblocked_callback(move |conn, _| {
         r.borrow_mut().push(conn.blocked_reason());
         // Stay open past the blocked timeout: it must not fire any more.
         let c = conn.clone();

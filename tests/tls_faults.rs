@@ -725,7 +725,7 @@ fn transfer(
                     sink.borrow_mut().push(delivery.body);
                     ch.basic_ack(delivery.method.delivery_tag, false)
                         .expect("ack");
-                    if let Some(conn) = ch.connection() {
+                    if let Ok(conn) = ch.connection() {
                         conn.close(200, "delivered").expect("close");
                     }
                 };

@@ -115,6 +115,9 @@ pub(crate) struct ChannelSlot {
     pub(super) broker_close: Option<Error>,
     /// Methods the face wants to see ([`Event::Watched`]).
     pub(super) watched: Vec<MethodId>,
+    /// Delivery tags handed to the application with manual acks and not
+    /// yet acked, nacked or rejected, ascending.
+    pub(super) unsettled: VecDeque<u64>,
 }
 
 impl ChannelSlot {
@@ -134,6 +137,24 @@ impl ChannelSlot {
             close_sent: false,
             broker_close: None,
             watched: Vec::new(),
+            unsettled: VecDeque::new(),
+        }
+    }
+
+    /// A settle (ack, nack, reject) of `tag` went out.
+    pub(super) fn settled(&mut self, tag: u64, multiple: bool) {
+        if multiple {
+            // Tag 0 with `multiple` settles everything outstanding.
+            let n = if tag == 0 {
+                self.unsettled.len()
+            } else {
+                self.unsettled.partition_point(|&t| t <= tag)
+            };
+            self.unsettled.drain(..n);
+        } else if self.unsettled.front() == Some(&tag) {
+            self.unsettled.pop_front();
+        } else if let Ok(i) = self.unsettled.binary_search(&tag) {
+            self.unsettled.remove(i);
         }
     }
 
@@ -284,6 +305,21 @@ impl Connection {
             .unwrap_or_default();
         tags.sort();
         tags
+    }
+
+    /// How many deliveries the application has on this channel (manual
+    /// acks) and not yet acked, nacked or rejected.
+    pub fn unsettled_deliveries(&self, key: ChannelKey) -> usize {
+        self.slot(key).map_or(0, |s| s.unsettled.len())
+    }
+
+    /// The same over every channel.
+    pub fn total_unsettled_deliveries(&self) -> usize {
+        self.channels
+            .iter()
+            .flatten()
+            .map(|s| s.unsettled.len())
+            .sum()
     }
 
     /// Whether the channel is in confirm mode.
@@ -502,11 +538,11 @@ impl Connection {
             }
         }
         if let Some(confirms) = slot.confirms.take() {
-            for delivery_tag in confirms.unconfirmed {
+            if !confirms.unconfirmed.is_empty() {
                 self.events.push_back(Event::Confirm {
                     channel: key,
                     confirmation: Confirmation::Failed {
-                        delivery_tag,
+                        settled: confirms.unconfirmed.into(),
                         error: reason.clone(),
                     },
                 });

@@ -15,6 +15,28 @@ use crate::error::Error;
 use crate::frame;
 use crate::spec::{BasicProperties, Method, MethodDef, basic, channel as channel_class, confirm};
 
+/// How a delivery is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Basic.Ack (with `multiple`, every earlier delivery too).
+    Ack {
+        /// Also every earlier unsettled delivery of the channel.
+        multiple: bool,
+    },
+    /// Basic.Nack (RabbitMQ's extension).
+    Nack {
+        /// Also every earlier unsettled delivery of the channel.
+        multiple: bool,
+        /// Back to the queue, or dropped / dead-lettered.
+        requeue: bool,
+    },
+    /// Basic.Reject.
+    Reject {
+        /// Back to the queue, or dropped / dead-lettered.
+        requeue: bool,
+    },
+}
+
 impl Connection {
     /// A synchronous request (declare, bind, purge, delete, qos, recover,
     /// tx, flow, …): its reply comes as [`Event::Reply`].
@@ -96,6 +118,12 @@ impl Connection {
     /// queued items are not sent yet; then in turn behind them.
     fn send_async(&mut self, key: ChannelKey, method: Method) -> Result<(), Error> {
         let slot = self.open_slot(key, method.name())?;
+        match &method {
+            Method::BasicAck(m) => slot.settled(m.delivery_tag, m.multiple),
+            Method::BasicNack(m) => slot.settled(m.delivery_tag, m.multiple),
+            Method::BasicReject(m) => slot.settled(m.delivery_tag, false),
+            _ => {}
+        }
         if slot.unsent == 0 {
             return self.send_method(key.number, &method);
         }
@@ -541,5 +569,27 @@ impl Connection {
             },
         );
         Ok(())
+    }
+
+    /// Settles a delivery as `how` says, refusing a delivery of another
+    /// connection instance (`epoch`) or a channel this connection does not
+    /// know.
+    ///
+    /// # Errors
+    /// As [`Connection::ack`].
+    pub fn settle(
+        &mut self,
+        key: ChannelKey,
+        delivery_tag: u64,
+        how: Settle,
+        epoch: Option<u64>,
+    ) -> Result<(), Error> {
+        match how {
+            Settle::Ack { multiple } => self.ack(key, delivery_tag, multiple, epoch),
+            Settle::Nack { multiple, requeue } => {
+                self.nack(key, delivery_tag, multiple, requeue, epoch)
+            }
+            Settle::Reject { requeue } => self.reject(key, delivery_tag, requeue, epoch),
+        }
     }
 }

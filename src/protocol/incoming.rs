@@ -195,6 +195,9 @@ impl Connection {
             return;
         };
         slot.get_pending = false;
+        if matches!(&pending.request, Some((_, Method::BasicGet(get))) if !get.no_ack) {
+            slot.unsettled.push_back(message.method.delivery_tag);
+        }
         if let Some((request, method)) = pending.request {
             self.events.push_back(Event::Reply {
                 request,
@@ -218,24 +221,28 @@ impl Connection {
             );
             return;
         };
-        if multiple {
-            while confirms.unconfirmed.front().is_some_and(|&t| t <= tag) {
-                confirms.unconfirmed.pop_front();
-            }
+        let settled: Vec<u64> = if multiple {
+            let n = confirms.unconfirmed.partition_point(|&t| t <= tag);
+            confirms.unconfirmed.drain(..n).collect()
         } else if confirms.unconfirmed.front() == Some(&tag) {
-            confirms.unconfirmed.pop_front();
-        } else if let Ok(i) = confirms.unconfirmed.binary_search(&tag) {
-            confirms.unconfirmed.remove(i);
-        }
+            confirms.unconfirmed.pop_front().into_iter().collect()
+        } else {
+            match confirms.unconfirmed.binary_search(&tag) {
+                Ok(i) => confirms.unconfirmed.remove(i).into_iter().collect(),
+                Err(_) => Vec::new(),
+            }
+        };
         let confirmation = if ack {
             Confirmation::Ack {
                 delivery_tag: tag,
                 multiple,
+                settled,
             }
         } else {
             Confirmation::Nack {
                 delivery_tag: tag,
                 multiple,
+                settled,
             }
         };
         self.events.push_back(Event::Confirm {
@@ -250,6 +257,14 @@ impl Connection {
         };
         let key = slot.key;
         let removed = slot.remove_consumer(&cancel.consumer_tag);
+        // A cancel of the application's still waiting for its CancelOk
+        // ends now, with the broker's reason; its CancelOk, if one comes,
+        // is taken without a second answer.
+        let pending_cancel = slot
+            .rpcs
+            .iter_mut()
+            .find(|p| matches!(&p.kind, Kind::Cancel(t) if *t == cancel.consumer_tag))
+            .and_then(|p| p.request.take());
         if !cancel.nowait {
             let ok = basic::CancelOk {
                 consumer_tag: cancel.consumer_tag.clone(),
@@ -269,6 +284,18 @@ impl Connection {
                 cancel.consumer_tag
             ),
         }
+        if let Some((request, method)) = pending_cancel {
+            let tag = match &method {
+                Method::BasicCancel(c) => c.consumer_tag.clone(),
+                _ => String::new(),
+            };
+            self.events.push_back(Event::Reply {
+                request,
+                channel: Some(key),
+                method,
+                result: Err(Error::ConsumerCancelled { tag }),
+            });
+        }
     }
 
     /// A whole delivery: to its consumer, or rejected back to the queue
@@ -282,6 +309,9 @@ impl Connection {
         let requeue_unless_no_ack = match slot.consumer(tag) {
             Some(c) if !c.cancelled => {
                 let consumer = c.id;
+                if !c.no_ack {
+                    slot.unsettled.push_back(delivery.method.delivery_tag);
+                }
                 self.events.push_back(Event::Delivery {
                     channel: key,
                     consumer,

@@ -99,6 +99,7 @@ use crate::table::{FieldTable, FieldValue};
 
 use channel::ChannelSlot;
 pub use channel::ChannelState;
+pub use commands::Settle;
 pub use event::{ChannelKey, ConsumerId, Event, Reply, RequestId};
 
 /// The close handshake's bound when `socket_timeout` is unset.

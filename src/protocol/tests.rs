@@ -1026,27 +1026,25 @@ fn confirms_with_multiple_settle_every_earlier_tag_and_the_rest_fail_on_close() 
                     Confirmation::Ack {
                         delivery_tag,
                         multiple: true,
+                        settled,
                     },
                 ..
-            } => format!("ack{delivery_tag}+"),
+            } => format!("ack{delivery_tag}+{settled:?}"),
             Event::Confirm {
                 confirmation:
                     Confirmation::Nack {
                         delivery_tag,
                         multiple: false,
+                        settled,
                     },
                 ..
-            } => format!("nack{delivery_tag}"),
+            } => format!("nack{delivery_tag}{settled:?}"),
             Event::Confirm {
-                confirmation:
-                    Confirmation::Failed {
-                        delivery_tag,
-                        error,
-                    },
+                confirmation: Confirmation::Failed { settled, error },
                 ..
             } => {
                 assert_eq!(error.reply_code(), Some(404));
-                format!("failed{delivery_tag}")
+                format!("failed{settled:?}")
             }
             Event::ChannelClosed { error, .. } => format!("closed{}", error.reply_code().unwrap()),
             other => panic!("{other:?}"),
@@ -1056,10 +1054,9 @@ fn confirms_with_multiple_settle_every_earlier_tag_and_the_rest_fail_on_close() 
         summary,
         [
             "select",
-            "ack3+",
-            "nack5",
-            "failed4",
-            "failed6",
+            "ack3+[1, 2, 3]",
+            "nack5[5]",
+            "failed[4, 6]",
             "closed404"
         ]
     );
@@ -1330,11 +1327,11 @@ fn every_pending_request_and_unconfirmed_publish_fails_exactly_once_on_each_kind
                     ..
                 } => replied.push(*request),
                 Event::Confirm {
-                    confirmation: Confirmation::Failed { delivery_tag, .. },
+                    confirmation: Confirmation::Failed { settled, .. },
                     channel,
                 } => {
                     assert_eq!(*channel, a);
-                    failed.push(*delivery_tag)
+                    failed.extend_from_slice(settled)
                 }
                 Event::ChannelClosed { channel, .. } => closed.push(*channel),
                 Event::Closed { .. } => {}
@@ -1453,4 +1450,79 @@ fn a_publish_behind_an_unsent_confirm_select_waits_its_turn() {
         names(&p.sent()),
         ["Confirm.Select", "Basic.Publish", "header", "body"]
     );
+}
+
+#[test]
+fn a_cancel_pending_when_the_broker_cancels_the_consumer_ends_with_consumer_cancelled() {
+    let mut p = Pair::open();
+    let key = p.channel();
+    let id = consumer(&mut p, key, "c", false);
+    let request = p.core.cancel(key, "c").unwrap();
+    assert_eq!(names(&p.sent()), ["Basic.Cancel"]);
+    p.feed(
+        key.number,
+        basic::Cancel {
+            consumer_tag: "c".into(),
+            nowait: true,
+        },
+    );
+    let events = p.events();
+    assert!(
+        matches!(
+            events.as_slice(),
+            [
+                Event::ConsumerEnded { consumer, by_broker: Some(_), .. },
+                Event::Reply { request: r, result: Err(Error::ConsumerCancelled { tag }), .. }
+            ] if *consumer == id && *r == request && tag == "c"
+        ),
+        "{events:?}"
+    );
+    // The CancelOk that RabbitMQ still sends ends nothing twice, and the
+    // channel goes on.
+    p.feed(
+        key.number,
+        basic::CancelOk {
+            consumer_tag: "c".into(),
+        },
+    );
+    assert!(p.events().is_empty());
+    let next = p.core.rpc(key, declare("q")).unwrap();
+    p.feed(key.number, declare_ok("q"));
+    assert!(
+        matches!(p.events().as_slice(), [Event::Reply { request, result: Ok(_), .. }] if *request == next)
+    );
+}
+
+#[test]
+fn deliveries_awaiting_an_ack_are_counted_until_acked_nacked_or_rejected() {
+    let mut p = Pair::open();
+    let key = p.channel();
+    consumer(&mut p, key, "manual", false);
+    consumer(&mut p, key, "auto", true);
+    for tag in 1..=6 {
+        let who = if tag == 3 { "auto" } else { "manual" };
+        p.feed_message(key.number, deliver(who, tag), b"m");
+    }
+    p.events();
+    // Auto-acked deliveries are never outstanding.
+    assert_eq!(p.core.unsettled_deliveries(key), 5);
+    p.core.ack(key, 2, true, None).unwrap();
+    assert_eq!(p.core.unsettled_deliveries(key), 3);
+    p.core.reject(key, 5, true, None).unwrap();
+    p.core.nack(key, 4, false, false, None).unwrap();
+    assert_eq!(p.core.unsettled_deliveries(key), 1);
+    // A get with manual ack counts too; multiple with tag 0 settles all.
+    p.core.get(key, basic::Get::default()).unwrap();
+    p.feed_message(
+        key.number,
+        basic::GetOk {
+            delivery_tag: 7,
+            ..Default::default()
+        },
+        b"g",
+    );
+    p.events();
+    assert_eq!(p.core.total_unsettled_deliveries(), 2);
+    p.core.ack(key, 0, true, None).unwrap();
+    assert_eq!(p.core.unsettled_deliveries(key), 0);
 }

@@ -59,6 +59,7 @@ use std::fmt;
 use super::{
     ConsumerEntry, GenericCallback, RpcCallback, SelectConnection, State, WeakShared, upgrade,
 };
+use crate::ack::AckHandle;
 use crate::error::Error;
 use crate::message::{Confirmation, Delivery, GetMessage, ReturnedMessage};
 use crate::options::{
@@ -179,9 +180,44 @@ impl Channel {
         self.state() == ChannelState::Closed
     }
 
-    /// The connection this channel belongs to, while it exists.
-    pub fn connection(&self) -> Option<SelectConnection> {
-        upgrade(&self.conn)
+    /// The connection this channel belongs to. A channel keeps only a weak
+    /// link to it: once the connection is gone (its loop dropped it after
+    /// closing), this is an error.
+    ///
+    /// # Errors
+    /// [`Error::ChannelWrongState`] when the connection no longer exists.
+    pub fn connection(&self) -> Result<SelectConnection, Error> {
+        upgrade(&self.conn).ok_or_else(|| Error::ChannelWrongState {
+            detail: format!(
+                "channel {} has no connection any more (it was dropped)",
+                self.key.number
+            ),
+        })
+    }
+
+    /// A `Send` handle that acks, nacks or rejects `delivery` from any
+    /// thread (pika's threaded-ack pattern, in one line): the settle is
+    /// sent on the connection's loop thread, and refused with an error —
+    /// never sent to the wrong place — when this channel or its connection
+    /// is gone by then.
+    ///
+    /// ```no_run
+    /// # fn demo(channel: &pika::Channel, delivery: pika::Delivery) {
+    /// let ack = channel.ack_handle(&delivery);
+    /// std::thread::spawn(move || {
+    ///     // ... the work ...
+    ///     if let Err(e) = ack.ack() {
+    ///         eprintln!("not acked: {e}");
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub fn ack_handle(&self, delivery: &Delivery) -> AckHandle {
+        let door: std::sync::Arc<dyn crate::ack::Door> = match upgrade(&self.conn) {
+            Some(conn) => conn.door(),
+            None => std::sync::Arc::new(crate::ack::ClosedDoor),
+        };
+        AckHandle::new(door, self.key, delivery.epoch, delivery.method.delivery_tag)
     }
 
     /// The tags of this channel's active consumers (pika's
@@ -498,7 +534,8 @@ impl Channel {
         self.nowait(queue_declare(queue, options, arguments, true))
     }
 
-    /// Binds a queue to an exchange.
+    /// Binds a queue to an exchange. A `routing_key` of `None` binds with
+    /// the queue's name, as pika does; `Some("")` binds with the empty key.
     ///
     /// # Errors
     /// [`Error::ChannelWrongState`], [`Error::Encode`].
@@ -506,7 +543,7 @@ impl Channel {
         &self,
         queue: &str,
         exchange: &str,
-        routing_key: &str,
+        routing_key: Option<&str>,
         arguments: FieldTable,
         callback: impl FnOnce(&Channel, Result<queue::BindOk, Error>) + 'static,
     ) -> Result<(), Error> {
@@ -524,13 +561,15 @@ impl Channel {
         &self,
         queue: &str,
         exchange: &str,
-        routing_key: &str,
+        routing_key: Option<&str>,
         arguments: FieldTable,
     ) -> Result<(), Error> {
         self.nowait(queue_bind(queue, exchange, routing_key, arguments, true))
     }
 
-    /// Removes a queue binding (the protocol has no nowait form).
+    /// Removes a queue binding (the protocol has no nowait form). A
+    /// `routing_key` of `None` is the queue's name, as in
+    /// [`Channel::queue_bind`].
     ///
     /// # Errors
     /// [`Error::ChannelWrongState`], [`Error::Encode`].
@@ -538,14 +577,14 @@ impl Channel {
         &self,
         queue: &str,
         exchange: &str,
-        routing_key: &str,
+        routing_key: Option<&str>,
         arguments: FieldTable,
         callback: impl FnOnce(&Channel, Result<queue::UnbindOk, Error>) + 'static,
     ) -> Result<(), Error> {
         let m = queue::Unbind {
             queue: queue.into(),
             exchange: exchange.into(),
-            routing_key: routing_key.into(),
+            routing_key: routing_key.unwrap_or(queue).into(),
             arguments,
             ..Default::default()
         };
@@ -630,6 +669,20 @@ impl Channel {
             global_qos,
         };
         self.rpc(m.into(), callback)
+    }
+
+    /// pika's `basic_qos(prefetch_count=n)`: at most `prefetch_count`
+    /// unacknowledged deliveries on this channel's consumers (0: no
+    /// limit); `callback` gets Basic.QosOk.
+    ///
+    /// # Errors
+    /// [`Error::ChannelWrongState`].
+    pub fn basic_prefetch(
+        &self,
+        prefetch_count: u16,
+        callback: impl FnOnce(&Channel, Result<basic::QosOk, Error>) + 'static,
+    ) -> Result<(), Error> {
+        self.basic_qos(0, prefetch_count, false, callback)
     }
 
     /// Starts a consumer on `queue`; `on_message` is called with each
@@ -752,10 +805,11 @@ impl Channel {
         &self,
         exchange: &str,
         routing_key: &str,
-        body: &[u8],
+        body: impl AsRef<[u8]>,
         properties: &BasicProperties,
         mandatory: bool,
     ) -> Result<Option<u64>, Error> {
+        let body = body.as_ref();
         let key = self.key;
         self.command(|st| {
             core_of(st, key, "basic_publish")?.publish(

@@ -37,6 +37,7 @@ use super::{Callbacks, Channel, ChannelRecord, ConnectionHandle, Shared, State, 
 use crate::error::Error;
 use crate::frame::FRAME_MIN_SIZE;
 use crate::parameters::ConnectionParameters;
+use crate::spec::connection;
 use crate::table::FieldTable;
 use crate::transport::workflow::Workflow;
 
@@ -170,6 +171,7 @@ impl SelectConnection {
                 high_water: 16 * 1024 * 1024,
                 low_water: 4 * 1024 * 1024,
                 above_high_water: false,
+                shutting_down: false,
             }),
             threadsafe: Arc::new(Mutex::new(ThreadsafeQueue {
                 closed: false,
@@ -178,6 +180,8 @@ impl SelectConnection {
             dispatching: Cell::new(false),
             dispatch_queued: Cell::new(false),
             in_socket_event: Cell::new(false),
+            door: Arc::default(),
+            door_handle: std::cell::OnceCell::new(),
         });
         super::handle::register(id, &shared);
         let conn = SelectConnection { shared };
@@ -335,11 +339,12 @@ impl SelectConnection {
         }
     }
 
-    /// Adds a callback run each time the broker blocks the connection
-    /// (Connection.Blocked), with the broker's reason.
+    /// Adds a callback run each time the broker blocks the connection, with
+    /// the broker's Connection.Blocked (its `reason`, e.g. "low on
+    /// memory"), as pika's `add_on_connection_blocked_callback`.
     pub fn add_on_connection_blocked_callback(
         &self,
-        callback: impl FnMut(&SelectConnection, &str) + 'static,
+        callback: impl FnMut(&SelectConnection, &connection::Blocked) + 'static,
     ) {
         self.shared
             .state
@@ -349,10 +354,11 @@ impl SelectConnection {
             .push(Box::new(callback));
     }
 
-    /// Adds a callback run each time the broker unblocks the connection.
+    /// Adds a callback run each time the broker unblocks the connection,
+    /// with its Connection.Unblocked.
     pub fn add_on_connection_unblocked_callback(
         &self,
-        callback: impl FnMut(&SelectConnection) + 'static,
+        callback: impl FnMut(&SelectConnection, &connection::Unblocked) + 'static,
     ) {
         self.shared
             .state
@@ -539,5 +545,137 @@ impl SelectConnection {
         }
         self.after_command();
         Ok(())
+    }
+
+    /// The open (or opening, or closing) channel with this number — for a
+    /// closure another thread handed over with
+    /// [`ConnectionHandle::add_callback_threadsafe`], as pika's
+    /// threaded-ack pattern does.
+    ///
+    /// # Errors
+    /// [`Error::ChannelWrongState`] when no channel has that number.
+    pub fn channel_by_number(&self, number: u16) -> Result<Channel, Error> {
+        let st = self.shared.state.borrow();
+        match st.channels.get(number as usize) {
+            Some(Some((key, _))) => Ok(Channel::new(Rc::downgrade(&self.shared), *key)),
+            _ => Err(Error::ChannelWrongState {
+                detail: format!("no channel {number} on this connection"),
+            }),
+        }
+    }
+
+    /// Shuts down gracefully, in one call: every consumer is cancelled (no
+    /// new deliveries; those already on their way are rejected back to the
+    /// queue), then, once every delivery the application holds has been
+    /// acked, nacked or rejected — its work in flight finished — or
+    /// `timeout` passed, the connection is closed as by
+    /// [`SelectConnection::close`] (200, "Normal shutdown"): channels
+    /// first, then the connection; `on_close` runs as usual. Deliveries
+    /// still unacked at the close go back to their queues (the broker
+    /// requeues them). While the connection is still opening, this aborts
+    /// it as `close` does.
+    ///
+    /// A Ctrl-C handler usually calls this (see the `signals` feature).
+    ///
+    /// # Errors
+    /// [`Error::ConnectionWrongState`] when already closing or closed.
+    pub fn shutdown(&self, timeout: std::time::Duration) -> Result<(), Error> {
+        let phase = self.state();
+        if phase != ConnectionState::Open {
+            return self.close(200, "Normal shutdown");
+        }
+        {
+            let mut st = self.shared.state.borrow_mut();
+            if st.shutting_down {
+                return Err(Error::ConnectionWrongState {
+                    detail: "a shutdown is already under way".into(),
+                });
+            }
+            st.shutting_down = true;
+            if let Some(core) = st.core_mut() {
+                for key in core.channel_keys() {
+                    for tag in core.consumer_tags(key) {
+                        if let Err(e) = core.cancel(key, &tag) {
+                            log::debug!("shutdown: consumer {tag} not cancelled: {e}");
+                        }
+                    }
+                }
+            }
+        }
+        log::info!("shutting down: consumers cancelled, waiting for acks (at most {timeout:?})");
+        self.after_command();
+        let me = self.clone();
+        self.shared.ioloop.call_later(timeout, move || {
+            if me.is_open() {
+                log::warn!("shutdown: deliveries still unacked after {timeout:?}; closing");
+                let _ = me.close(200, "Normal shutdown");
+            }
+        });
+        self.queue_shutdown_check();
+        Ok(())
+    }
+
+    /// During a shutdown, closes once nothing is left unacked (checked on
+    /// the loop, outside any borrow).
+    pub(super) fn queue_shutdown_check(&self) {
+        let me = self.clone();
+        self.shared.ioloop.call_soon(move || {
+            let done = {
+                let st = me.shared.state.borrow();
+                st.shutting_down
+                    && SelectConnection::face_state(&st) == ConnectionState::Open
+                    && st
+                        .core()
+                        .is_some_and(|c| c.total_unsettled_deliveries() == 0)
+            };
+            if done {
+                log::info!("shutdown: every delivery settled; closing");
+                let _ = me.close(200, "Normal shutdown");
+            }
+        });
+    }
+
+    /// The door ack handles of this connection go through.
+    pub(super) fn door(&self) -> Arc<dyn crate::ack::Door> {
+        self.shared
+            .door_handle
+            .get_or_init(|| {
+                Arc::new(super::handle::SelectDoor {
+                    handle: self.threadsafe_handle(),
+                    state: self.shared.door.clone(),
+                })
+            })
+            .clone()
+    }
+
+    /// An ack handle's settle, on the loop thread: checked again here (the
+    /// channel may have closed since the handle's call), never sent to the
+    /// wrong channel or connection instance.
+    pub(super) fn settle_on_loop(
+        &self,
+        channel: crate::protocol::ChannelKey,
+        epoch: u64,
+        delivery_tag: u64,
+        how: crate::ack::Settle,
+    ) {
+        let result = {
+            let mut st = self.shared.state.borrow_mut();
+            let result = match st.core_mut() {
+                Some(core) => core.settle(channel, delivery_tag, how, Some(epoch)),
+                None => Err(Error::ConnectionWrongState {
+                    detail: "the connection is closed".into(),
+                }),
+            };
+            if result.is_ok() {
+                self.after_command_locked(&mut st);
+            }
+            result
+        };
+        if let Err(e) = result {
+            log::warn!(
+                "delivery {delivery_tag} of channel {} not settled: {e}",
+                channel.number
+            );
+        }
     }
 }

@@ -47,13 +47,11 @@ impl SelectConnection {
                     cb(self);
                 }
             }
-            Event::Blocked(blocked) => self.run_connection_callbacks(
-                |c| &mut c.on_blocked,
-                |cb, conn| cb(conn, &blocked.reason),
-            ),
-            Event::Unblocked(_) => {
-                self.run_connection_callbacks(|c| &mut c.on_unblocked, |cb, conn| cb(conn))
+            Event::Blocked(blocked) => {
+                self.run_connection_callbacks(|c| &mut c.on_blocked, |cb, conn| cb(conn, &blocked))
             }
+            Event::Unblocked(unblocked) => self
+                .run_connection_callbacks(|c| &mut c.on_unblocked, |cb, conn| cb(conn, &unblocked)),
             Event::Reply {
                 request,
                 channel: None,
@@ -146,6 +144,7 @@ impl SelectConnection {
             }
             Event::Watched { channel, method } => self.run_generic(channel, &method),
             Event::ChannelClosed { channel, error } => {
+                self.shared.door.channel_closed(channel);
                 let record = {
                     let mut st = self.shared.state.borrow_mut();
                     match st.channels.get_mut(channel.number as usize) {
@@ -205,7 +204,12 @@ impl SelectConnection {
         };
         let ch = self.channel_handle(key);
         match found {
-            Found::Open(cb) => cb(result.map(|_| ch)),
+            Found::Open(cb) => {
+                if result.is_ok() {
+                    self.shared.door.channel_opened(key);
+                }
+                cb(result.map(|_| ch))
+            }
             Found::Request(cb) => cb(&ch, result),
             Found::Nothing => {}
         }

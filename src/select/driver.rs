@@ -206,6 +206,7 @@ impl SelectConnection {
         if already {
             return false;
         }
+        self.shared.door.close();
         self.drop_session_io();
         let retry = self.shared.state.borrow_mut().retry_timer.take();
         if let Some(t) = retry {
@@ -311,8 +312,10 @@ impl SelectConnection {
             let params = st.params.clone();
             let Some(s) = st.session.as_mut() else { return };
             let handshake_deadline = params.stack_timeout().map(|t| (s.started + t, t));
+            let epoch = super::next_epoch();
+            self.shared.door.set_epoch(epoch);
             let config = Config {
-                epoch: super::next_epoch(),
+                epoch,
                 first_request_id: st.next_request,
                 handshake_deadline,
                 peer: s.address.to_string(),
@@ -673,6 +676,13 @@ impl SelectConnection {
         self.update_interest(st);
         if events {
             self.queue_dispatch();
+        }
+        if st.shutting_down
+            && st
+                .core()
+                .is_some_and(|c| c.total_unsettled_deliveries() == 0)
+        {
+            self.queue_shutdown_check();
         }
     }
 

@@ -10,12 +10,15 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ioloop::IoLoopWaker;
 
 use super::{SelectConnection, Shared, ThreadsafeQueue};
+use crate::ack::{Door, Settle};
 use crate::error::Error;
+use crate::protocol::ChannelKey;
 
 thread_local! {
     /// Connections of this thread by id.
@@ -37,6 +40,88 @@ pub struct ConnectionHandle {
     waker: IoLoopWaker,
     id: u64,
     queue: Arc<Mutex<ThreadsafeQueue>>,
+}
+
+/// What other threads may know of a connection without reaching its
+/// thread: whether it is closed, its current epoch, and its open channels
+/// (number → generation). The loop thread keeps it up to date; the door
+/// reads it to refuse at once an ack that cannot be right.
+#[derive(Debug, Default)]
+pub(super) struct DoorState {
+    closed: AtomicBool,
+    epoch: AtomicU64,
+    channels: Mutex<HashMap<u16, u32>>,
+}
+
+impl DoorState {
+    pub(super) fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    pub(super) fn channel_opened(&self, key: ChannelKey) {
+        lock(&self.channels).insert(key.number, key.generation);
+    }
+
+    pub(super) fn channel_closed(&self, key: ChannelKey) {
+        let mut channels = lock(&self.channels);
+        if channels.get(&key.number) == Some(&key.generation) {
+            channels.remove(&key.number);
+        }
+    }
+
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        lock(&self.channels).clear();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The select face's door: settles on the loop thread through the
+/// connection's thread-safe queue.
+pub(super) struct SelectDoor {
+    pub(super) handle: ConnectionHandle,
+    pub(super) state: Arc<DoorState>,
+}
+
+impl Door for SelectDoor {
+    fn settle(
+        &self,
+        channel: ChannelKey,
+        epoch: u64,
+        delivery_tag: u64,
+        how: Settle,
+    ) -> Result<(), Error> {
+        if self.state.closed.load(Ordering::Acquire) {
+            return Err(Error::ConnectionWrongState {
+                detail: format!(
+                    "the connection delivery {delivery_tag} came from is closed; not settled"
+                ),
+            });
+        }
+        let current = self.state.epoch.load(Ordering::Acquire);
+        if current != epoch {
+            return Err(Error::ChannelWrongState {
+                detail: format!(
+                    "delivery {delivery_tag} came from connection instance {epoch}, the \
+                     connection is now instance {current}; not settled"
+                ),
+            });
+        }
+        if lock(&self.state.channels).get(&channel.number) != Some(&channel.generation) {
+            return Err(Error::ChannelWrongState {
+                detail: format!(
+                    "channel {}, which delivery {delivery_tag} came from, is closed; not settled",
+                    channel.number
+                ),
+            });
+        }
+        self.handle.add_callback_threadsafe(move |conn| {
+            conn.settle_on_loop(channel, epoch, delivery_tag, how)
+        })
+    }
 }
 
 impl fmt::Debug for ConnectionHandle {

@@ -11,14 +11,15 @@
 //!
 //! # Behaviour, where pika 1.1.0 leaves it open or departs from the spec
 //!
-//! * **Connect workflow** ([`crate::transport::workflow`]): parameter sets
-//!   are tried in rounds, each at every address its host resolves to;
-//!   rounds are separated by the first set's `retry_delay`. Each TCP
-//!   connect is bounded by `socket_timeout`; TCP connect plus TLS plus the
-//!   AMQP handshake by `stack_timeout`. A refused login or virtual host
-//!   (403/530) ends the workflow at once: retrying cannot fix credentials.
-//!   When more than one attempt was made and all failed, the error is
-//!   [`Error::ConnectionWorkflowFailed`] listing each.
+//! * **Connect workflow** ([`crate::transport::workflow`]), as pika 1.1's:
+//!   passes over the whole list of parameter sets, each set at every
+//!   address its host resolves to; as many passes as the LAST set's
+//!   `connection_attempts`, separated by the LAST set's `retry_delay`.
+//!   Each TCP connect is bounded by `socket_timeout`; TCP connect plus TLS
+//!   plus the AMQP handshake by `stack_timeout`. A refused login or virtual
+//!   host (403/530) ends the workflow at once: retrying cannot fix
+//!   credentials. When more than one attempt was made and all failed, the
+//!   error is [`Error::ConnectionWorkflowFailed`] listing each.
 //! * **Name resolution** runs on the loop's thread (`getaddrinfo` through
 //!   std): other connections on the same loop wait for the resolver call,
 //!   no longer. IP literals skip the resolver.
@@ -66,13 +67,15 @@ use crate::error::Error;
 use crate::message::{Confirmation, Delivery, ReturnedMessage};
 use crate::parameters::ConnectionParameters;
 use crate::protocol::{self, ChannelKey, ConsumerId, Reply, RequestId};
+use crate::spec::connection as connection_class;
 use crate::spec::{Method, MethodId, basic};
 use crate::transport::Stream;
 use crate::transport::workflow::Workflow;
 
 type OnOpen = Box<dyn FnOnce(&SelectConnection)>;
 type OnError = Box<dyn FnOnce(&SelectConnection, Error)>;
-type OnBlocked = Box<dyn FnMut(&SelectConnection, &str)>;
+type OnBlocked = Box<dyn FnMut(&SelectConnection, &connection_class::Blocked)>;
+type OnUnblocked = Box<dyn FnMut(&SelectConnection, &connection_class::Unblocked)>;
 type OnEvent = Box<dyn FnMut(&SelectConnection)>;
 type OnSecretUpdated = Box<dyn FnOnce(&SelectConnection, Result<(), Error>)>;
 type ThreadsafeCallback = Box<dyn FnOnce(&SelectConnection) + Send>;
@@ -95,7 +98,7 @@ struct Callbacks {
     on_open_error: Vec<OnError>,
     on_close: Vec<OnError>,
     on_blocked: Vec<OnBlocked>,
-    on_unblocked: Vec<OnEvent>,
+    on_unblocked: Vec<OnUnblocked>,
     on_drained: Vec<OnEvent>,
     update_secret: VecDeque<(RequestId, OnSecretUpdated)>,
 }
@@ -170,6 +173,8 @@ struct State {
     high_water: usize,
     low_water: usize,
     above_high_water: bool,
+    /// A graceful shutdown is under way ([`SelectConnection::shutdown`]).
+    shutting_down: bool,
 }
 
 impl State {
@@ -216,6 +221,10 @@ pub(crate) struct Shared {
     dispatch_queued: Cell<bool>,
     /// A socket event is being handled: writes wait for its end.
     in_socket_event: Cell<bool>,
+    /// What other threads' ack handles check first.
+    door: Arc<handle::DoorState>,
+    /// The door ack handles go through (built once).
+    door_handle: std::cell::OnceCell<Arc<dyn crate::ack::Door>>,
 }
 
 /// A weak link to a connection, as channels keep it.

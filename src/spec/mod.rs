@@ -25,7 +25,7 @@ use std::fmt;
 use crate::error::CodecError;
 use crate::wire::{Reader, Writer};
 
-pub use properties::{BasicProperties, PropertiesError};
+pub use properties::{BasicProperties, DeliveryMode, PropertiesError};
 
 /// AMQP protocol version this crate speaks: 0-9-1.
 pub const PROTOCOL_VERSION: (u8, u8, u8) = (0, 9, 1);

@@ -125,6 +125,56 @@ basic_properties! {
     cluster_id: String, FLAG_CLUSTER_ID = 0x0004, with_cluster_id, "shortstr";
 }
 
+/// How the broker keeps a message (`delivery_mode`): in memory only, or
+/// on disk in a durable queue (pika's `DeliveryMode`).
+///
+/// ```
+/// use pika::{BasicProperties, DeliveryMode};
+///
+/// let props = BasicProperties::persistent().with_content_type("text/plain");
+/// assert_eq!(props.delivery_mode, Some(2));
+/// assert_eq!(props.persistence(), Some(DeliveryMode::Persistent));
+/// let props = BasicProperties::default().with_delivery_mode(DeliveryMode::Transient);
+/// assert_eq!(props.delivery_mode, Some(1));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeliveryMode {
+    /// `delivery_mode` 1: not written to disk.
+    Transient = 1,
+    /// `delivery_mode` 2: written to disk when the queue is durable.
+    Persistent = 2,
+}
+
+impl From<DeliveryMode> for u8 {
+    fn from(mode: DeliveryMode) -> u8 {
+        mode as u8
+    }
+}
+
+impl BasicProperties {
+    /// Properties of a persistent message (`delivery_mode` 2), the rest
+    /// unset.
+    pub fn persistent() -> BasicProperties {
+        BasicProperties::default().with_delivery_mode(DeliveryMode::Persistent)
+    }
+
+    /// Properties of a transient message (`delivery_mode` 1), the rest
+    /// unset.
+    pub fn transient() -> BasicProperties {
+        BasicProperties::default().with_delivery_mode(DeliveryMode::Transient)
+    }
+
+    /// The `delivery_mode` as a [`DeliveryMode`] (`None` when unset or
+    /// another value).
+    pub fn persistence(&self) -> Option<DeliveryMode> {
+        match self.delivery_mode {
+            Some(1) => Some(DeliveryMode::Transient),
+            Some(2) => Some(DeliveryMode::Persistent),
+            _ => None,
+        }
+    }
+}
+
 /// Message properties that did not all decode: a delivered, fetched or
 /// returned message still reaches the application with the properties that
 /// did (the others unset) and this, so it can be acked, rejected or

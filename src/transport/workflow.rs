@@ -2,13 +2,21 @@
 //! address, when to wait and when to give up. It does no I/O and keeps no
 //! clock: a face asks for the [`Step`] to take, does it, and reports back.
 //!
-//! Parameter sets are tried in rounds: in each round every set whose
-//! `connection_attempts` is not used up is tried, each at every address
-//! its host resolves to (IPv4 and IPv6, in the resolver's order). Rounds
-//! are separated by the first set's `retry_delay`. A failure that retrying
-//! cannot fix ([`retryable`] says which) ends the workflow at once. When
-//! every attempt failed, the error is the one failure, or
+//! As pika 1.1's connection workflow: the parameter sets are tried in
+//! passes over the whole list, each set at every address its host
+//! resolves to (IPv4 and IPv6, in the resolver's order). The number of
+//! passes is the LAST set's `connection_attempts`, and passes are
+//! separated by the LAST set's `retry_delay` (the other sets' values are
+//! not used, as in pika). A failure that retrying cannot fix
+//! ([`retryable`] says which) ends the workflow at once. When every
+//! attempt failed, the error is the one failure, or
 //! [`Error::ConnectionWorkflowFailed`] listing each in order.
+//!
+//! Where this differs from pika 1.1: pika reports
+//! `AMQPConnectionWorkflowFailed` even when a single attempt was made;
+//! here a single failed attempt is reported as its own error. And a
+//! refused login or virtual host ends the workflow at once (pika goes on
+//! to the next address).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,8 +51,9 @@ pub enum Step {
 #[derive(Debug)]
 pub struct Workflow {
     sets: Vec<ConnectionParameters>,
-    round: u32,
-    /// The set being tried in this round (`None` before the first).
+    /// The pass over the list (from 0).
+    pass: u32,
+    /// The set being tried in this pass (`None` before the first).
     set_index: Option<usize>,
     addresses: Vec<SocketAddr>,
     address_index: usize,
@@ -80,7 +89,7 @@ impl Workflow {
         }
         Ok(Workflow {
             sets,
-            round: 0,
+            pass: 0,
             set_index: None,
             addresses: Vec::new(),
             address_index: 0,
@@ -108,24 +117,19 @@ impl Workflow {
                 address,
             };
         }
-        let round = self.round;
-        let start = self.set_index.map_or(0, |i| i + 1);
-        if let Some(i) =
-            (start..self.sets.len()).find(|&i| self.sets[i].connection_attempts() > round)
-        {
-            self.set_index = Some(i);
+        let next = self.set_index.map_or(0, |i| i + 1);
+        if next < self.sets.len() {
+            self.set_index = Some(next);
             self.addresses.clear();
             self.address_index = 0;
-            return Step::Resolve { set: i };
+            return Step::Resolve { set: next };
         }
-        self.round += 1;
+        // A pass over the whole list is done.
+        self.pass += 1;
         self.set_index = None;
-        if self
-            .sets
-            .iter()
-            .any(|s| s.connection_attempts() > self.round)
-        {
-            Step::Wait(self.sets[0].retry_delay())
+        let last = &self.sets[self.sets.len() - 1];
+        if self.pass < last.connection_attempts() {
+            Step::Wait(last.retry_delay())
         } else {
             Step::Fail(self.give_up())
         }
@@ -219,9 +223,11 @@ mod tests {
     }
 
     #[test]
-    fn rounds_try_every_set_at_every_address_with_the_first_sets_delay_between() {
+    fn passes_try_every_set_at_every_address_as_often_as_the_last_set_says() {
+        // The first set's attempts (5) and delay (9) are not used: the
+        // last set's are (2 passes, 3 s apart), as in pika 1.1.
         let (steps, error) = trace(
-            vec![set("a", 2, 3), set("b", 1, 9)],
+            vec![set("a", 5, 9), set("b", 2, 3)],
             &[vec![addr(1), addr(2)], vec![addr(3)]],
         );
         assert_eq!(
@@ -236,10 +242,12 @@ mod tests {
                 "resolve 0",
                 "connect 0 10.0.0.1:5672",
                 "connect 0 10.0.0.2:5672",
+                "resolve 1",
+                "connect 1 10.0.0.3:5672",
             ]
         );
         match error {
-            Error::ConnectionWorkflowFailed { attempts } => assert_eq!(attempts.len(), 5),
+            Error::ConnectionWorkflowFailed { attempts } => assert_eq!(attempts.len(), 6),
             other => panic!("{other:?}"),
         }
     }

@@ -302,14 +302,14 @@ pub mod proxy;
 pub fn flood(channel: &pika::Channel, each_turn: impl FnMut() + 'static) {
     static BODY: [u8; 64 * 1024] = [7; 64 * 1024];
     fn turn(channel: pika::Channel, mut each_turn: impl FnMut() + 'static) {
-        let Some(conn) = channel.connection() else {
+        let Ok(conn) = channel.connection() else {
             return;
         };
         each_turn();
         let props = pika::BasicProperties::default();
         while channel.is_open() && conn.outbound_buffer_size() < 1 << 20 {
             if channel
-                .basic_publish("", "flood", &BODY, &props, false)
+                .basic_publish("", "flood", BODY, &props, false)
                 .is_err()
             {
                 return;
