@@ -29,6 +29,51 @@
 //! # Ok::<(), pika::Error>(())
 //! ```
 //!
+//! # Stopping on Ctrl-C (feature `signals`)
+//!
+//! With `pika = { features = ["signals"] }`,
+//! [`IoLoop::add_signal_handler`][add_signal_handler] runs a callback on the
+//! loop's thread when SIGINT (Ctrl-C) or SIGTERM arrives — never inside the
+//! signal handler — so it can close the connection gracefully; `on_close` then
+//! stops the loop.
+//!
+#![cfg_attr(
+    feature = "signals",
+    doc = "[add_signal_handler]: IoLoop::add_signal_handler"
+)]
+// Without the feature, the method is not documented: the link points to this section.
+#![cfg_attr(
+    not(feature = "signals"),
+    doc = "[add_signal_handler]: #stopping-on-ctrl-c-feature-signals"
+)]
+//!
+#![cfg_attr(feature = "signals", doc = "```no_run")]
+#![cfg_attr(not(feature = "signals"), doc = "```ignore")]
+//! use std::sync::Arc;
+//! use pika::{Error, SelectConnection, UrlParameters, SIGINT, SIGTERM};
+//!
+//! let params = UrlParameters::parse("amqp://guest:guest@localhost:5672/%2F")?;
+//! let conn = SelectConnection::new(
+//!     params,
+//!     |_conn| { /* open channels, consume, ... */ },
+//!     |conn, err| { eprintln!("could not connect: {err}"); conn.ioloop().stop(); },
+//!     |conn, reason| { println!("closed: {reason}"); conn.ioloop().stop(); },
+//! )?;
+//! let c = conn.clone();
+//! conn.ioloop()
+//!     .add_signal_handler(&[SIGINT, SIGTERM], move |_signal| {
+//!         // A graceful close; a second Ctrl-C while it is closing stops the loop at once.
+//!         if c.close(200, "interrupted").is_err() {
+//!             c.ioloop().stop();
+//!         }
+//!     })
+//!     .map_err(|e| Error::IoLoop(Arc::new(e)))?;
+//! conn.ioloop().start().expect("the loop runs");
+//! // Unregisters the handler (Ctrl-C terminates again) and drops its closure.
+//! conn.ioloop().close();
+//! # Ok::<(), pika::Error>(())
+//! ```
+//!
 //! # Layers
 //!
 //! * [`select`] — the callback face: [`SelectConnection`], [`Channel`],
@@ -114,6 +159,9 @@ pub use connection::{ConnectionHandle, ConnectionState, SelectConnection};
 pub use credentials::{Credentials, ExternalCredentials, PlainCredentials};
 pub use error::{CodecError, Error};
 pub use ioloop::{HandlerId, Interest, IoLoop, IoLoopWaker, Readiness, TimeoutId};
+// With the `signals` feature: what `IoLoop::add_signal_handler` takes and returns.
+#[cfg(feature = "signals")]
+pub use ioloop::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SignalHandlerId};
 pub use parameters::{ConnectionParameters, Heartbeat, TcpOptions, UrlParameters};
 pub use spec::{BasicProperties, DeliveryMode, PropertiesError};
 pub use table::{Decimal, FieldTable, FieldValue, LongString};

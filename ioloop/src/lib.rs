@@ -75,6 +75,50 @@
 //! that neither removes itself nor changes its interest after a hang-up is called again on
 //! every pass.
 //!
+//! # Signals (feature `signals`)
+//!
+//! With the cargo feature `signals` (off by default),
+//! [`IoLoop::add_signal_handler`][add_signal_handler] turns Unix signals into loop
+//! callbacks: when SIGINT (Ctrl-C) or SIGTERM arrives, a callback runs on the loop's thread,
+//! as any other callback, never inside the signal handler — so it may close an AMQP
+//! connection gracefully and let the connection's close callback stop the loop. The signal
+//! handling itself (async-signal-safe registration, the self-pipe) is the
+//! [`signal-hook`](https://docs.rs/signal-hook) crate's. Once no loop has a handler for a
+//! signal any more (removed, or its loop closed), the signal's default action is back.
+//!
+//! The Ctrl-C pattern (run with `--features signals`):
+//!
+#![cfg_attr(
+    feature = "signals",
+    doc = "[add_signal_handler]: IoLoop::add_signal_handler"
+)]
+// Without the feature, the method is not documented: the link points to this section.
+#![cfg_attr(
+    not(feature = "signals"),
+    doc = "[add_signal_handler]: #signals-feature-signals"
+)]
+//!
+#![cfg_attr(feature = "signals", doc = "```")]
+#![cfg_attr(not(feature = "signals"), doc = "```ignore")]
+//! use ioloop::{IoLoop, SIGINT, SIGTERM};
+//!
+//! let lp = IoLoop::new()?;
+//! // ... the application's connections, handlers and timers ...
+//! let handle = lp.clone();
+//! lp.add_signal_handler(&[SIGINT, SIGTERM], move |signal| {
+//!     // On the loop's thread. A pika application closes its connection here,
+//!     // `conn.close(200, "interrupted")`, and stops the loop from its on_close callback;
+//!     // this example has no connection and stops the loop at once.
+//!     eprintln!("signal {signal}: shutting down");
+//!     handle.stop();
+//! })?;
+//! # // What pressing Ctrl-C does; delivered once the loop runs.
+//! # signal_hook::low_level::raise(SIGINT)?;
+//! lp.start()?; // returns after Ctrl-C (or `kill <pid>`)
+//! lp.close(); // unregisters the handler: Ctrl-C terminates the process again
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
 //! # Dropping and closing
 //!
 //! [`IoLoop::close`] (or dropping the last handle) releases the poller and drops every pending
@@ -85,6 +129,8 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 mod poller;
+#[cfg(feature = "signals")]
+mod signals;
 mod timers;
 mod waker;
 
@@ -103,6 +149,8 @@ use crate::poller::{Events, Poller};
 use crate::timers::{Callback, Timers};
 use crate::waker::{SendCallback, Shared};
 
+#[cfg(feature = "signals")]
+pub use crate::signals::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SignalHandlerId};
 pub use crate::timers::TimeoutId;
 pub use crate::waker::{Closed, IoLoopWaker};
 
