@@ -7,6 +7,10 @@
 //!   refused with [`Error::Tls`] at once, saying why; after a completed
 //!   handshake, a wrong AMQP protocol header or a close_notify instead of
 //!   Connection.Start is [`Error::IncompatibleProtocol`], as over plain TCP.
+//! * A plain AMQP listener inside the test answers the ClientHello of a
+//!   TLS client (an `amqp://` URL with `ssl_options`) with AMQP's protocol
+//!   header: the [`Error::Tls`] says the peer did not answer with TLS and
+//!   asks whether this is a TLS port.
 //! * The fault proxy in front of the broker's TLS port: a 1 MiB round trip
 //!   arrives byte for byte.
 //! * The fault proxy in front of a record gate (a relay that passes the
@@ -465,6 +469,68 @@ fn close_notify_right_after_the_handshake_is_incompatible_protocol() {
     }
     let log = join_within(server, LIMIT, "the TLS server");
     assert_eq!(log.client_header, b"AMQP\x00\x00\x09\x01", "{log:?}");
+}
+
+/// A plain AMQP listener on 127.0.0.1 for one client: it reads the
+/// client's first bytes and answers, as a broker's plain port answers
+/// anything that is not AMQP's header, with AMQP's protocol header; then it
+/// waits for the client to hang up. Returns its port and the thread, which
+/// gives the first bytes it read.
+fn plain_amqp_listener() -> (u16, JoinHandle<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let port = listener
+        .local_addr()
+        .expect("the listener's address")
+        .port();
+    let server = thread::spawn(move || {
+        let (mut sock, _) = listener.accept().expect("a client");
+        sock.set_read_timeout(Some(LIMIT)).expect("a read timeout");
+        let mut first = vec![0; 4096];
+        let n = sock.read(&mut first).expect("the client's first bytes");
+        first.truncate(n);
+        sock.write_all(b"AMQP\x00\x00\x09\x01")
+            .expect("the header is sent");
+        let mut rest = [0; 1024];
+        while matches!(sock.read(&mut rest), Ok(n) if n > 0) {}
+        first
+    });
+    (port, server)
+}
+
+#[test]
+fn tls_to_a_plain_amqp_port_says_the_peer_did_not_answer_with_tls() {
+    // ssl_options on an amqp:// URL turns TLS on and keeps the port given.
+    let (port, server) = plain_amqp_listener();
+    let params = UrlParameters::parse(&format!(
+        "amqp://127.0.0.1:{port}/%2F?ssl_options=%7B%7D&socket_timeout=3&stack_timeout={}",
+        STACK_TIMEOUT.as_secs()
+    ))
+    .expect("the URL parses");
+    assert!(params.ssl_options().is_some());
+    let outcome = run(params.into(), |_| panic!("must not open"));
+    match prompt_open_error(&outcome) {
+        Error::Tls { reason } => assert_eq!(
+            reason,
+            &format!(
+                "the peer at 127.0.0.1:{port} did not answer with TLS (is this a TLS port?): \
+                 received corrupt message of type InvalidContentType"
+            )
+        ),
+        other => panic!("expected Error::Tls, got {other:?}"),
+    }
+    assert_eq!(
+        outcome.errors[0].to_string(),
+        format!(
+            "TLS error: the peer at 127.0.0.1:{port} did not answer with TLS (is this a TLS \
+             port?): received corrupt message of type InvalidContentType"
+        )
+    );
+    let hello = join_within(server, LIMIT, "the plain listener");
+    assert_eq!(
+        hello.first(),
+        Some(&0x16),
+        "the client sent a TLS handshake record"
+    );
 }
 
 // ---------------------------------------------------------------------

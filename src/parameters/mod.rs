@@ -31,6 +31,7 @@
 //! [`ConnectionParameters`], [`default_client_properties`] and the
 //! validation the setters share with the URL options; `url.rs` holds
 //! [`UrlParameters`] and the reading of AMQP URLs and their query options;
+//! `url_ssl.rs` reads the `ssl_options` query option into TLS settings;
 //! `tcp.rs` holds [`TcpOptions`]; and the private `pyliteral.rs` parses the
 //! Python-literal dicts that the `client_properties`, `tcp_options` and
 //! `ssl_options` query options take.
@@ -38,6 +39,7 @@
 mod pyliteral;
 mod tcp;
 mod url;
+mod url_ssl;
 
 pub use self::tcp::TcpOptions;
 pub use self::url::UrlParameters;

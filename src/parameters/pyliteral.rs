@@ -36,6 +36,13 @@ pub(super) struct LiteralError {
     message: String,
 }
 
+impl LiteralError {
+    /// The byte offset into the parsed text where the error was found.
+    pub(super) fn offset(&self) -> usize {
+        self.offset
+    }
+}
+
 impl fmt::Display for LiteralError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} at byte {}", self.message, self.offset)

@@ -42,7 +42,9 @@ impl Stream {
         ssl: Option<&SslOptions>,
         host: &str,
     ) -> Result<Stream, Error> {
-        let tls = ssl.map(|opts| TlsSession::new(opts, host)).transpose()?;
+        let tls = ssl
+            .map(|opts| TlsSession::new(opts, host).map(|t| t.with_peer(peer)))
+            .transpose()?;
         Ok(Stream {
             tcp: Arc::new(tcp),
             tls,
