@@ -101,8 +101,8 @@ pub(crate) struct ChannelSlot {
     /// How many items of `rpcs` are not sent yet.
     pub(super) unsent: usize,
     pub(super) consumers: Vec<Consumer>,
-    /// Consumers cancelled with nowait, with their `no_ack`.
-    pub(super) recently_cancelled: VecDeque<(String, bool)>,
+    /// Consumers cancelled with nowait: tag, id and `no_ack`.
+    pub(super) recently_cancelled: VecDeque<(String, ConsumerId, bool)>,
     pub(super) confirms: Option<Confirms>,
     pub(super) content: Option<super::content::PendingContent>,
     pub(super) get_pending: bool,

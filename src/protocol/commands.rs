@@ -389,7 +389,7 @@ impl Connection {
                     slot.recently_cancelled.pop_front();
                 }
                 slot.recently_cancelled
-                    .push_back((consumer_tag.to_string(), c.no_ack));
+                    .push_back((consumer_tag.to_string(), c.id, c.no_ack));
                 self.events.push_back(Event::ConsumerEnded {
                     channel: key,
                     consumer: c.id,

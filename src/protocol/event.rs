@@ -86,6 +86,17 @@ pub enum Event {
         /// The message.
         delivery: Delivery,
     },
+    /// An auto-acked message for a consumer being cancelled (it crossed
+    /// the Basic.Cancel on the wire). The broker has let go of it; the face
+    /// decides what becomes of it.
+    DeliveryAfterCancel {
+        /// The channel.
+        channel: ChannelKey,
+        /// The consumer, cancelled.
+        consumer: ConsumerId,
+        /// The message.
+        delivery: Delivery,
+    },
     /// The broker returned a mandatory message it could not route.
     Returned {
         /// The channel.

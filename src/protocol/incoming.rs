@@ -319,15 +319,15 @@ impl Connection {
                 });
                 return;
             }
-            Some(c) => Some(c.no_ack),
+            Some(c) => Some((c.id, c.no_ack)),
             None => slot
                 .recently_cancelled
                 .iter()
-                .find(|(t, _)| t == tag)
-                .map(|(_, no_ack)| *no_ack),
+                .find(|(t, _, _)| t == tag)
+                .map(|(_, id, no_ack)| (*id, *no_ack)),
         };
         match requeue_unless_no_ack {
-            Some(false) => {
+            Some((_, false)) => {
                 let reject = basic::Reject {
                     delivery_tag: delivery.method.delivery_tag,
                     requeue: true,
@@ -336,7 +336,14 @@ impl Connection {
                     log::debug!("channel {number}: Reject not sent: {e}");
                 }
             }
-            Some(true) => {}
+            // Auto-acked: the broker has let go of it. It goes to the face
+            // as such (the select face drops it, as pika does; the blocking
+            // face hands it back from basic_cancel).
+            Some((consumer, true)) => self.events.push_back(Event::DeliveryAfterCancel {
+                channel: key,
+                consumer,
+                delivery,
+            }),
             None => log::warn!("channel {number}: delivery for unknown consumer {tag:?} dropped",),
         }
     }

@@ -81,6 +81,13 @@ impl SelectConnection {
                 consumer,
                 delivery,
             } => self.deliver(channel, consumer, delivery),
+            Event::DeliveryAfterCancel { channel, delivery, .. } => {
+                // pika's select channel drops these too (they are auto-acked).
+                log::warn!(
+                    "{channel}: auto-acked delivery {} for a consumer being cancelled dropped",
+                    delivery.method.delivery_tag
+                );
+            }
             Event::Returned { channel, message } => {
                 let ch = self.channel_handle(channel);
                 let none = self.run_channel_callbacks(
