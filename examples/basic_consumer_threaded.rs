@@ -1,52 +1,52 @@
 //! pika's `basic_consumer_threaded` example, in Rust: consume on the
-//! loop's thread, do the slow work on other threads, and acknowledge from
-//! the loop's thread again.
+//! loop's thread, do the slow work on worker threads, and ack from there.
 //!
-//! Connections and channels are `!Send`: only the thread running the loop
-//! may touch them. So the consumer declares `test_exchange` (direct), the
-//! `standard` queue and their `standard_key` binding, sets a prefetch window
-//! as large as the worker pool, and hands each [`pika::Delivery`] (owned, and
-//! `Send`) to a pool of worker threads over a `std::sync::mpsc` channel.
-//! pika's example starts one thread per message; a fixed pool does the same
-//! job with a bound on threads.
+//! A connection and its channels belong to the thread that runs the loop,
+//! so in pika a worker cannot call `channel.basic_ack` itself; it asks the
+//! loop's thread to, with
+//! `connection.add_callback_threadsafe(functools.partial(channel.basic_ack,
+//! delivery_tag=...))`. Here that line is [`pika::AckHandle`]: take one
+//! with `channel.ack_handle(&delivery)` on the loop's thread, send it to
+//! the worker with the delivery, and call `ack.ack()` there when the work
+//! is done; the ack goes out on the loop's thread. When the channel or the
+//! connection has closed meanwhile, `ack()` returns `Err` and sends
+//! nothing: the broker delivers the message again. (pika's closure style
+//! works too: `ConnectionHandle::add_callback_threadsafe` with
+//! `SelectConnection::channel_by_number`.)
 //!
-//! When a worker is done it cannot ack by itself: it asks the loop's thread
-//! to, with `ConnectionHandle::add_callback_threadsafe`. That closure must
-//! be `Send` and receives only the `&SelectConnection`, so it cannot carry
-//! the `Channel` along. It finds the consumer again through a
-//! `thread_local!` registry (filled by [`run`] on the loop's thread, keyed
-//! by a number the closure does carry), and acks there, unless the channel
-//! has closed meanwhile (then the broker redelivers the message to someone
-//! else, as in pika's example).
+//! The consumer declares `test_exchange` (direct) and the `standard`
+//! queue, binds them with `standard_key`, sets the prefetch window to the
+//! size of a fixed pool of workers (pika's example starts a thread per
+//! message), and hands each delivery with its ack handle to the pool over
+//! a `std::sync::mpsc` channel.
 //!
-//! Stopping (a [`StopHandle`], see the consumer example about Ctrl-C):
-//! cancel the consumer, let the workers finish and ack what they hold
-//! (bounded by `shutdown_wait`), close the channel and the connection, then
-//! join the workers. [`Settings::stop_after`] stops it after that many
-//! acknowledgements.
+//! Stopping: [`StopHandle::request_stop`], from any thread, runs
+//! `SelectConnection::shutdown` on the loop's thread: the consumer is
+//! cancelled, the workers finish and ack what they hold (for at most
+//! `shutdown_wait`), then the connection closes and [`run`] joins the
+//! workers. [`Settings::stop_after`] requests it after that many acks.
 //!
 //! `main` first publishes `EXAMPLE_MESSAGES` messages (default 6) so that
 //! the workers have something to do, then consumes until they are all
-//! acknowledged, `EXAMPLE_RUN_SECS` (default 10; `0`: no limit) have passed,
-//! or a line is entered on standard input.
+//! acked, `EXAMPLE_RUN_SECS` (default 10; `0`: no limit) have passed, or a
+//! line is entered on standard input.
 //!
 //! ```text
 //! scripts/with-broker cargo run --example basic_consumer_threaded
 //! ```
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::io::BufRead;
 use std::process::ExitCode;
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread;
 use std::time::Duration;
 
 use pika::{
-    BasicConsumeOptions, BasicProperties, Channel, ConnectionHandle, Delivery, Error,
+    AckHandle, BasicConsumeOptions, BasicProperties, Channel, ConnectionHandle, Delivery, Error,
     ExchangeDeclareOptions, FieldTable, QueueDeclareOptions, SelectConnection, UrlParameters,
 };
 
@@ -63,16 +63,16 @@ pub struct Settings {
     pub routing_key: String,
     /// Worker threads.
     pub workers: usize,
-    /// Unacknowledged messages the broker may hand over at once; as many
-    /// as there are workers keeps all of them busy.
+    /// Unacked messages the broker may hand over at once; as many as there
+    /// are workers keeps each of them busy.
     pub prefetch_count: u16,
     /// How long each message's work takes (a sleep stands in for it).
     pub work_time: Duration,
     /// Messages to publish before consuming, so there is work to do.
     pub seed_messages: u32,
-    /// Stop after this many acknowledgements.
+    /// Stop after this many acks.
     pub stop_after: Option<u64>,
-    /// How long a stop waits for the workers to finish what they hold.
+    /// How long a stop waits for the workers to ack what they hold.
     pub shutdown_wait: Duration,
     /// A name shown by the broker's management tools.
     pub connection_name: Option<String>,
@@ -101,14 +101,15 @@ impl Default for Settings {
 pub struct Summary {
     /// Messages delivered to the consumer.
     pub received: u64,
-    /// Messages acknowledged.
+    /// Messages acked.
     pub acked: u64,
-    /// Acknowledgements per worker (index = worker number).
+    /// Acks per worker (index = worker number).
     pub acked_by_worker: Vec<u64>,
-    /// Messages whose work finished after the channel or connection had
-    /// closed: not acknowledged, so the broker delivers them again.
+    /// Messages whose work finished after their channel or connection had
+    /// closed: `ack()` failed, and the broker delivers them again.
     pub acks_lost: u64,
-    /// Why the connection ended (or could not be opened).
+    /// Why the connection ended (or could not be opened); a channel the
+    /// broker closed, when that ended it.
     pub end_reason: Option<Error>,
 }
 
@@ -125,20 +126,15 @@ impl Summary {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Stop requests from other threads
-// ---------------------------------------------------------------------------
-
 /// Asks the running consumer to stop cleanly, from any thread.
 #[derive(Debug, Clone, Default)]
-pub struct StopHandle {
-    shared: Arc<(Mutex<StopState>, Condvar)>,
-}
+pub struct StopHandle(Arc<Mutex<StopState>>);
 
 #[derive(Debug, Default)]
 struct StopState {
     requested: bool,
-    connection: Option<ConnectionHandle>,
+    /// The running connection, and how long its shutdown may wait.
+    running: Option<(ConnectionHandle, Duration)>,
 }
 
 impl StopHandle {
@@ -150,469 +146,240 @@ impl StopHandle {
     /// Requests the clean shutdown; returns at once.
     pub fn request_stop(&self) {
         let running = {
-            let mut state = self.shared.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut state = self.state();
             state.requested = true;
-            self.shared.1.notify_all();
-            state.connection.clone()
+            state.running.clone()
         };
-        if let Some(handle) = running {
-            if let Err(e) = handle.add_callback_threadsafe(|conn| conn.ioloop().stop()) {
-                println!("[threaded] stop requested while the connection closes: {e}");
-            }
+        if let Some((connection, wait)) = running {
+            // The connection is not `Send`: the shutdown runs on its thread.
+            // An `Err` here means it has closed already: nothing to stop.
+            let _ = connection.add_callback_threadsafe(move |conn| match conn.shutdown(wait) {
+                Ok(()) => say("stopping"),
+                Err(e) => say(format_args!("already stopping: {e}")),
+            });
         }
     }
 
-    /// Whether a stop was requested.
-    pub fn is_requested(&self) -> bool {
-        self.shared
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .requested
-    }
-
-    fn attach(&self, handle: ConnectionHandle) -> bool {
-        let mut state = self.shared.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.requested {
-            return false;
-        }
-        state.connection = Some(handle);
-        true
-    }
-
-    fn detach(&self) {
-        self.shared
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .connection = None;
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Finding the consumer again from a closure sent by a worker
-// ---------------------------------------------------------------------------
-
-thread_local! {
-    /// The consumers run by this thread, by key. Only the loop's thread
-    /// reads it: a worker's closure runs there and looks its consumer up.
-    static CONSUMERS: RefCell<HashMap<u64, Weak<Consumer>>> = RefCell::new(HashMap::new());
-}
-
-static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
-
-fn register(consumer: &Rc<Consumer>) {
-    CONSUMERS.with(|c| c.borrow_mut().insert(consumer.key, Rc::downgrade(consumer)));
-}
-
-fn unregister(key: u64) {
-    CONSUMERS.with(|c| c.borrow_mut().remove(&key));
-}
-
-fn lookup(key: u64) -> Option<Rc<Consumer>> {
-    CONSUMERS.with(|c| c.borrow().get(&key).and_then(Weak::upgrade))
-}
-
-// ---------------------------------------------------------------------------
-// Workers
-// ---------------------------------------------------------------------------
-
-/// Runs jobs until the job channel closes; asks the loop's thread to ack
-/// each finished one.
-fn worker(
-    id: usize,
-    key: u64,
-    jobs: Arc<Mutex<Receiver<Delivery>>>,
-    connection: ConnectionHandle,
-    work_time: Duration,
-    lost: Arc<AtomicU64>,
-) {
-    loop {
-        // Hold the lock only while waiting for the next job.
-        let next = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
-        let Ok(delivery) = next else {
-            return;
+    /// Sets (or clears) the connection a stop request goes to; a request
+    /// made before there was one goes to it now.
+    fn set_running(&self, running: Option<(ConnectionHandle, Duration)>) {
+        let requested = {
+            let mut state = self.state();
+            state.running = running;
+            state.requested && state.running.is_some()
         };
-        let tag = delivery.method.delivery_tag;
-        println!(
-            "[worker {id}] working on #{tag}: {}",
-            String::from_utf8_lossy(&delivery.body)
-        );
-        thread::sleep(work_time);
-        // Only a delivery tag crosses back; the loop's thread acks.
-        let posted = connection.add_callback_threadsafe(move |_conn| match lookup(key) {
-            Some(consumer) => consumer.on_work_done(id, tag),
-            None => println!("[worker {id}] consumer gone; #{tag} not acknowledged"),
-        });
-        if let Err(e) = posted {
-            println!("[worker {id}] cannot ack #{tag}: {e}; the broker will redeliver it");
-            lost.fetch_add(1, Ordering::Relaxed);
+        if requested {
+            self.request_stop();
         }
+    }
+
+    fn state(&self) -> MutexGuard<'_, StopState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-// ---------------------------------------------------------------------------
-// The consumer, on the loop's thread
-// ---------------------------------------------------------------------------
-
-struct Consumer {
-    key: u64,
-    settings: Settings,
-    connection: RefCell<Option<SelectConnection>>,
-    channel: RefCell<Option<Channel>>,
-    consumer_tag: RefCell<Option<String>>,
-    consuming: Cell<bool>,
-    closing: Cell<bool>,
-    finished: Cell<bool>,
-    /// Delivered to workers and not yet back.
-    outstanding: Cell<u64>,
-    jobs: RefCell<Option<Sender<Delivery>>>,
-    summary: RefCell<Summary>,
-}
+/// A worker's job: the message, and the handle that acks it.
+type Job = (Delivery, AckHandle);
 
 fn say(text: impl std::fmt::Display) {
     println!("[threaded] {text}");
 }
 
-impl Consumer {
-    fn connect(self: &Rc<Self>, url: &str) -> Result<SelectConnection, Error> {
-        let mut params = UrlParameters::parse(url)?.into_parameters();
-        if let Some(name) = &self.settings.connection_name {
-            params.set_connection_name(name.clone());
-        }
-        let (on_open, on_error, on_close) = (self.clone(), self.clone(), self.clone());
-        let conn = SelectConnection::new(
-            params,
-            move |conn| {
-                say("connection opened");
-                let me = on_open.clone();
-                if let Err(e) = conn.channel(None, move |r| me.on_channel_open(r)) {
-                    say(format_args!("cannot open a channel: {e}"));
-                }
-            },
-            move |conn, err| {
-                say(format_args!("could not connect: {err}"));
-                on_error.summary.borrow_mut().end_reason = Some(err);
-                conn.ioloop().stop();
-            },
-            move |conn, reason| {
-                say(format_args!("connection closed: {reason}"));
-                on_close.summary.borrow_mut().end_reason = Some(reason);
-                *on_close.channel.borrow_mut() = None;
-                conn.ioloop().stop();
-            },
-        )?;
-        *self.connection.borrow_mut() = Some(conn.clone());
-        Ok(conn)
-    }
-
-    fn on_channel_open(self: &Rc<Self>, result: Result<Channel, Error>) {
-        let channel = match result {
-            Ok(channel) => channel,
-            Err(e) => return say(format_args!("channel did not open: {e}")),
-        };
-        let me = self.clone();
-        channel.add_on_close_callback(move |_ch, reason| {
-            say(format_args!("channel closed: {reason}"));
-            *me.channel.borrow_mut() = None;
-            me.consuming.set(false);
-            me.close_connection();
-        });
-        *self.channel.borrow_mut() = Some(channel.clone());
-        if self.closing.get() {
-            return self.maybe_finish();
-        }
-        // Exchange, queue, binding, QoS: each step starts the next.
-        let s = &self.settings;
-        let options = ExchangeDeclareOptions {
-            exchange_type: s.exchange_type.clone(),
-            ..Default::default()
-        };
-        let me = self.clone();
-        let sent =
-            channel.exchange_declare(&s.exchange, options, FieldTable::new(), move |ch, r| {
-                if let Err(e) = r {
-                    return say(format_args!("exchange not declared: {e}"));
-                }
-                let me2 = me.clone();
-                let sent = ch.queue_declare(
-                    &me.settings.queue,
-                    QueueDeclareOptions::default(),
-                    FieldTable::new(),
-                    move |ch, r| match r {
-                        Ok(_) => me2.bind(ch),
-                        Err(e) => say(format_args!("queue not declared: {e}")),
-                    },
-                );
-                if let Err(e) = sent {
-                    say(format_args!("cannot declare the queue: {e}"));
-                }
-            });
-        if let Err(e) = sent {
-            say(format_args!("cannot declare the exchange: {e}"));
-        }
-    }
-
-    fn bind(self: &Rc<Self>, channel: &Channel) {
-        let s = &self.settings;
-        let me = self.clone();
-        let sent = channel.queue_bind(
-            &s.queue,
-            &s.exchange,
-            Some(&s.routing_key),
-            FieldTable::new(),
-            move |ch, r| {
-                if let Err(e) = r {
-                    return say(format_args!("queue not bound: {e}"));
-                }
-                let me2 = me.clone();
-                let sent =
-                    ch.basic_qos(0, me.settings.prefetch_count, false, move |ch, r| match r {
-                        Ok(_) => me2.start_consuming(ch),
-                        Err(e) => say(format_args!("QoS not set: {e}")),
-                    });
-                if let Err(e) = sent {
-                    say(format_args!("cannot set QoS: {e}"));
-                }
-            },
-        );
-        if let Err(e) = sent {
-            say(format_args!("cannot bind the queue: {e}"));
-        }
-    }
-
-    fn start_consuming(self: &Rc<Self>, channel: &Channel) {
-        let s = &self.settings;
-        for n in 1..=s.seed_messages {
-            let body = format!("job {n} of {}", s.seed_messages);
-            let props = BasicProperties::default().with_content_type("text/plain");
-            if let Err(e) =
-                channel.basic_publish(&s.exchange, &s.routing_key, body.as_bytes(), &props, false)
-            {
-                say(format_args!("cannot publish a seed message: {e}"));
-            }
-        }
-        if s.seed_messages > 0 {
-            say(format_args!(
-                "published {} messages to work on",
-                s.seed_messages
-            ));
-        }
-        let me = self.clone();
-        let started = channel.basic_consume(
-            &s.queue,
-            move |ch, delivery| me.on_message(ch, delivery),
-            BasicConsumeOptions::default(),
-            |_ch, r| match r {
-                Ok(ok) => say(format_args!("consuming as {}", ok.consumer_tag)),
-                Err(e) => say(format_args!("consume refused: {e}")),
-            },
-        );
-        match started {
-            Ok(tag) => {
-                *self.consumer_tag.borrow_mut() = Some(tag);
-                self.consuming.set(true);
-            }
-            Err(e) => say(format_args!("cannot consume: {e}")),
-        }
-    }
-
-    /// On the loop's thread: hand the message to the workers.
-    fn on_message(&self, channel: &Channel, delivery: Delivery) {
-        self.summary.borrow_mut().received += 1;
-        let tag = delivery.method.delivery_tag;
-        let sent = self
-            .jobs
-            .borrow()
-            .as_ref()
-            .map(|jobs| jobs.send(delivery).is_ok());
-        if sent == Some(true) {
-            self.outstanding.set(self.outstanding.get() + 1);
-        } else {
-            say(format_args!("no workers left; requeueing #{tag}"));
-            if let Err(e) = channel.basic_nack(tag, false, true) {
-                say(format_args!("cannot requeue #{tag}: {e}"));
-            }
-        }
-    }
-
-    /// On the loop's thread, called through a worker's
-    /// `add_callback_threadsafe`: acknowledge the finished message.
-    fn on_work_done(self: &Rc<Self>, worker: usize, tag: u64) {
-        self.outstanding
-            .set(self.outstanding.get().saturating_sub(1));
-        let channel = self.channel.borrow().clone();
-        match channel.filter(Channel::is_open) {
-            Some(channel) => match channel.basic_ack(tag, false) {
-                Ok(()) => {
-                    let mut summary = self.summary.borrow_mut();
-                    summary.acked += 1;
-                    summary.acked_by_worker[worker] += 1;
-                    drop(summary);
-                    say(format_args!("acknowledged #{tag} for worker {worker}"));
-                }
-                Err(e) => {
-                    say(format_args!("cannot ack #{tag}: {e}"));
-                    self.summary.borrow_mut().acks_lost += 1;
-                }
-            },
-            None => {
-                // As in pika's example: the channel is gone, so this
-                // message cannot be acked; the broker redelivers it.
-                say(format_args!("channel closed; #{tag} not acknowledged"));
-                self.summary.borrow_mut().acks_lost += 1;
-            }
-        }
-        let acked = self.summary.borrow().acked;
-        if self.settings.stop_after.is_some_and(|n| acked >= n) {
-            self.stop();
-        }
-        self.maybe_finish();
-    }
-
-    // --- stopping ---------------------------------------------------------
-
-    fn stop(self: &Rc<Self>) {
-        if self.closing.replace(true) {
-            return;
-        }
-        say(format_args!(
-            "stopping; {} message(s) still with the workers",
-            self.outstanding.get()
-        ));
-        let channel = self.channel.borrow().clone();
-        let tag = self.consumer_tag.borrow().clone();
-        if let (true, Some(channel), Some(tag)) = (self.consuming.get(), channel, tag) {
-            let me = self.clone();
-            let sent = channel.basic_cancel(&tag, move |_ch, r| {
-                if let Err(e) = r {
-                    say(format_args!("cancel failed: {e}"));
-                }
-                me.consuming.set(false);
-                me.maybe_finish();
-            });
-            if sent.is_err() {
-                self.consuming.set(false);
-            }
-        }
-        // Bound the wait for the workers.
-        if let Some(conn) = self.connection.borrow().clone() {
-            let me = self.clone();
-            conn.ioloop()
-                .call_later(self.settings.shutdown_wait, move || me.finish());
-        }
-        self.maybe_finish();
-    }
-
-    fn maybe_finish(&self) {
-        if self.closing.get() && !self.consuming.get() && self.outstanding.get() == 0 {
-            self.finish();
-        }
-    }
-
-    /// Closes the channel, then the connection.
-    fn finish(&self) {
-        if self.finished.replace(true) {
-            return;
-        }
-        let channel = self.channel.borrow().clone();
-        if let Some(channel) = channel.filter(Channel::is_open) {
-            if let Err(e) = channel.close(200, "done") {
-                say(format_args!("cannot close the channel: {e}"));
-            }
-        }
-        self.close_connection();
-    }
-
-    fn close_connection(&self) {
-        let conn = self.connection.borrow().clone();
-        match conn {
-            Some(conn) if conn.is_open() => {
-                if let Err(e) = conn.close(200, "threaded consumer done") {
-                    say(format_args!("cannot close the connection: {e}"));
-                }
-            }
-            Some(conn) if !conn.is_closing() && !conn.is_closed() => {
-                // Still connecting: abort.
-                let _ = conn.close(200, "threaded consumer done");
-            }
-            _ => {}
-        }
-    }
-}
-
 /// Consumes with `settings.workers` worker threads until `stop` is
-/// requested, `settings.stop_after` messages are acknowledged, or the
-/// connection ends.
+/// requested, `settings.stop_after` messages are acked, or the connection
+/// ends.
 ///
 /// # Errors
-/// [`Error::InvalidUrl`] for a bad `url`; [`Error::IoLoop`] when no event
-/// loop can be created.
+/// [`Error::InvalidUrl`] for a bad `url`; [`Error::IoLoop`] when the event
+/// loop fails.
 pub fn run(url: &str, settings: Settings, stop: StopHandle) -> Result<Summary, Error> {
-    let workers = settings.workers.max(1);
-    let (jobs_tx, jobs_rx) = mpsc::channel::<Delivery>();
-    let consumer = Rc::new(Consumer {
-        key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
-        summary: RefCell::new(Summary {
-            acked_by_worker: vec![0; workers],
-            ..Summary::default()
-        }),
-        settings,
-        connection: RefCell::new(None),
-        channel: RefCell::new(None),
-        consumer_tag: RefCell::new(None),
-        consuming: Cell::new(false),
-        closing: Cell::new(false),
-        finished: Cell::new(false),
-        outstanding: Cell::new(0),
-        jobs: RefCell::new(Some(jobs_tx)),
-    });
-    register(&consumer);
-    let conn = match consumer.connect(url) {
-        Ok(conn) => conn,
-        Err(e) => {
-            unregister(consumer.key);
-            return Err(e);
+    let mut params = UrlParameters::parse(url)?.into_parameters();
+    if let Some(name) = &settings.connection_name {
+        params.set_connection_name(name.clone());
+    }
+    let (jobs, queue) = mpsc::channel::<Job>();
+    let received = Rc::new(Cell::new(0));
+    let end_reason = Rc::new(RefCell::new(None::<Error>));
+    let ended = |what: &'static str| {
+        let end_reason = end_reason.clone();
+        move |conn: &SelectConnection, reason: Error| {
+            say(format_args!("{what}: {reason}"));
+            // Keep a channel error that made us close.
+            end_reason.borrow_mut().get_or_insert(reason);
+            conn.ioloop().stop();
         }
     };
-    let handle = conn.threadsafe_handle();
-    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-    let lost = Arc::new(AtomicU64::new(0));
-    let pool: Vec<JoinHandle<()>> = (0..workers)
+    let on_open = {
+        let (settings, received, end_reason) =
+            (settings.clone(), received.clone(), end_reason.clone());
+        move |conn: &SelectConnection| {
+            say("connection opened");
+            let opened = conn.channel(None, move |channel| {
+                let channel = match channel {
+                    Ok(channel) => channel,
+                    Err(e) => return say(format_args!("no channel: {e}")),
+                };
+                channel.add_on_close_callback(move |channel, reason| {
+                    // The broker closed it (say, a declare it refused):
+                    // nothing left to do, so close the connection too.
+                    if let Some(conn) = channel.connection().ok().filter(SelectConnection::is_open)
+                    {
+                        say(format_args!("channel closed: {reason}"));
+                        *end_reason.borrow_mut() = Some(reason);
+                        let _ = conn.close(200, "channel closed");
+                    }
+                });
+                if let Err(e) = consume(&channel, &settings, jobs, received) {
+                    say(format_args!("cannot consume: {e}"));
+                    let _ = channel.close(200, "cannot consume");
+                }
+            });
+            if let Err(e) = opened {
+                say(format_args!("cannot open a channel: {e}"));
+            }
+        }
+    };
+    let conn = SelectConnection::new(
+        params,
+        on_open,
+        ended("could not connect"),
+        ended("connection closed"),
+    )?;
+
+    let queue = Arc::new(Mutex::new(queue));
+    let acked = Arc::new(AtomicU64::new(0));
+    let pool: Vec<_> = (0..settings.workers.max(1))
         .map(|id| {
-            let (jobs, handle, lost) = (jobs_rx.clone(), handle.clone(), lost.clone());
-            let (key, work_time) = (consumer.key, consumer.settings.work_time);
-            thread::spawn(move || worker(id, key, jobs, handle, work_time, lost))
+            let (queue, acked, stop) = (queue.clone(), acked.clone(), stop.clone());
+            let (work_time, stop_after) = (settings.work_time, settings.stop_after);
+            let on_ack = move || {
+                let total = acked.fetch_add(1, Ordering::Relaxed) + 1;
+                if stop_after == Some(total) {
+                    stop.request_stop();
+                }
+            };
+            thread::spawn(move || worker(id, &queue, work_time, on_ack))
         })
         .collect();
-    if !stop.attach(handle) {
-        consumer.stop();
-    }
+
+    stop.set_running(Some((conn.threadsafe_handle(), settings.shutdown_wait)));
     let ran = conn.ioloop().start();
-    if ran.is_ok() && stop.is_requested() && !conn.is_closed() {
-        consumer.stop();
-        let _ = conn.ioloop().start();
-    }
-    stop.detach();
-    // Closing the job channel ends the workers once they are idle.
-    consumer.jobs.borrow_mut().take();
-    for w in pool {
-        if w.join().is_err() {
-            say("a worker panicked");
-        }
-    }
-    unregister(consumer.key);
+    stop.set_running(None);
     conn.ioloop().close();
-    *consumer.connection.borrow_mut() = None;
-    *consumer.channel.borrow_mut() = None;
     ran.map_err(|e| Error::IoLoop(Arc::new(e)))?;
-    let mut summary = consumer.summary.borrow().clone();
-    summary.acks_lost += lost.load(Ordering::Relaxed);
+    // The connection has closed, and its consumer with it: the job channel's
+    // sending end is gone, so each worker ends once it is idle.
+    let (acked_by_worker, lost): (Vec<u64>, Vec<u64>) = pool
+        .into_iter()
+        .map(|w| {
+            w.join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+        .unzip();
+    let summary = Summary {
+        received: received.get(),
+        acked: acked_by_worker.iter().sum(),
+        acks_lost: lost.iter().sum(),
+        acked_by_worker,
+        end_reason: end_reason.take(),
+    };
     say(format_args!(
-        "stopped: received {}, acknowledged {} (per worker {:?}), not acknowledged {}",
+        "stopped: received {}, acked {} (per worker {:?}), not acked {}",
         summary.received, summary.acked, summary.acked_by_worker, summary.acks_lost
     ));
     Ok(summary)
+}
+
+/// Declares, binds, publishes the seed messages and starts consuming, on
+/// the loop's thread once the channel is open. As in pika, the channel sends
+/// each request once the previous one is answered (the seed messages go
+/// after the binding is made). When the broker refuses one, it closes the
+/// channel, whose close callback reports it: the callbacks here have
+/// nothing to add.
+fn consume(
+    channel: &Channel,
+    s: &Settings,
+    jobs: Sender<Job>,
+    received: Rc<Cell<u64>>,
+) -> Result<(), Error> {
+    let exchange = ExchangeDeclareOptions {
+        exchange_type: s.exchange_type.clone(),
+        ..Default::default()
+    };
+    channel.exchange_declare(&s.exchange, exchange, FieldTable::new(), |_, _| {})?;
+    let queue = QueueDeclareOptions::default();
+    channel.queue_declare(&s.queue, queue, FieldTable::new(), |_, _| {})?;
+    let key = Some(s.routing_key.as_str());
+    channel.queue_bind(&s.queue, &s.exchange, key, FieldTable::new(), |_, _| {})?;
+    channel.basic_prefetch(s.prefetch_count, |_, _| {})?;
+    for n in 1..=s.seed_messages {
+        let body = format!("job {n} of {}", s.seed_messages);
+        channel.basic_publish(
+            &s.exchange,
+            &s.routing_key,
+            body,
+            &BasicProperties::default(),
+            false,
+        )?;
+    }
+    let on_message = move |channel: &Channel, delivery: Delivery| {
+        received.set(received.get() + 1);
+        let ack = channel.ack_handle(&delivery);
+        if let Err(mpsc::SendError((delivery, _))) = jobs.send((delivery, ack)) {
+            // No worker left to take it: back to the queue.
+            let _ = channel.basic_nack(delivery.method.delivery_tag, false, true);
+        }
+    };
+    channel.basic_consume(
+        &s.queue,
+        on_message,
+        BasicConsumeOptions::default(),
+        |_, ok| {
+            if let Ok(ok) = ok {
+                say(format_args!("consuming as {}", ok.consumer_tag));
+            }
+        },
+    )?;
+    Ok(())
+}
+
+/// A worker thread: works on jobs until the job channel closes, acking
+/// each one when done. Returns how many it acked and how many it could not.
+fn worker(
+    id: usize,
+    queue: &Mutex<Receiver<Job>>,
+    work_time: Duration,
+    on_ack: impl Fn(),
+) -> (u64, u64) {
+    let (mut acked, mut lost) = (0, 0);
+    loop {
+        // A statement of its own, so that the lock is released before the
+        // work starts.
+        let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let Ok((delivery, ack)) = job else {
+            return (acked, lost);
+        };
+        let tag = delivery.method.delivery_tag;
+        let again = if delivery.method.redelivered {
+            " (redelivered)"
+        } else {
+            ""
+        };
+        let body = String::from_utf8_lossy(&delivery.body);
+        println!("[worker {id}] working on #{tag}{again}: {body}");
+        thread::sleep(work_time);
+        match ack.ack() {
+            Ok(()) => {
+                println!("[worker {id}] acked #{tag}");
+                acked += 1;
+                on_ack();
+            }
+            Err(e) => {
+                println!("[worker {id}] #{tag} not acked ({e}); the broker will deliver it again");
+                lost += 1;
+            }
+        }
+    }
 }
 
 #[allow(dead_code)] // the example tests call `run` instead

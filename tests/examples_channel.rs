@@ -678,6 +678,71 @@ fn threaded_consumer_stop_request_lets_the_workers_finish_and_ack() {
     delete(&[&queue], &[&exchange]);
 }
 
+#[test]
+fn threaded_consumer_ack_after_the_close_fails_and_the_message_comes_back() {
+    // The workers take longer than the stop waits for them: the shutdown
+    // closes the channel and the connection under them, so their `ack()`
+    // fails and the broker requeues the two messages.
+    let settings = threaded::Settings {
+        exchange: unique("test_exchange"),
+        queue: unique("standard"),
+        workers: 2,
+        prefetch_count: 2,
+        work_time: Duration::from_secs(5),
+        seed_messages: 2,
+        shutdown_wait: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let (exchange, queue) = (settings.exchange.clone(), settings.queue.clone());
+    let stop = threaded::StopHandle::new();
+    let _stop_on_failure = OnDrop({
+        let stop = stop.clone();
+        move || stop.request_stop()
+    });
+    let (url, first) = (common::amqp_url(), settings.clone());
+    let stop2 = stop.clone();
+    let example = thread::spawn(move || threaded::run(&url, first, stop2));
+    // Both messages are with the workers (delivered, not acked).
+    let deadline = Instant::now() + LIMIT;
+    while !matches!(queue_info(&queue), Some((0, 2, 1))) {
+        assert!(
+            Instant::now() < deadline,
+            "the workers never got both messages"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    stop.request_stop();
+    let summary = join(example, "the threaded consumer").expect("it runs");
+    assert!(summary.stopped_cleanly(), "{summary:?}");
+    assert_eq!(summary.received, 2, "{summary:?}");
+    assert_eq!(summary.acked, 0, "{summary:?}");
+    assert_eq!(summary.acks_lost, 2, "{summary:?}");
+    // The queue holds them again, and a later consumer gets them (the only
+    // two messages there are) and acks them.
+    assert_queue_settles_at(&queue, 2);
+    let again = threaded::Settings {
+        work_time: Duration::from_millis(10),
+        seed_messages: 0,
+        stop_after: Some(2),
+        shutdown_wait: LIMIT,
+        ..settings
+    };
+    let url = common::amqp_url();
+    let stop = threaded::StopHandle::new();
+    let _stop_on_failure = OnDrop({
+        let stop = stop.clone();
+        move || stop.request_stop()
+    });
+    let example = thread::spawn(move || threaded::run(&url, again, stop));
+    let summary = join(example, "the second threaded consumer").expect("it runs");
+    assert!(summary.stopped_cleanly(), "{summary:?}");
+    assert_eq!(summary.received, 2, "{summary:?}");
+    assert_eq!(summary.acked, 2, "{summary:?}");
+    assert_eq!(summary.acks_lost, 0, "{summary:?}");
+    assert_queue_settles_at(&queue, 0);
+    delete(&[&queue], &[&exchange]);
+}
+
 // ---------------------------------------------------------------------------
 // direct_reply_to
 // ---------------------------------------------------------------------------
