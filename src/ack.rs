@@ -142,9 +142,7 @@ pub(crate) struct ClosedDoor;
 impl Door for ClosedDoor {
     fn settle(&self, _: ChannelKey, _: u64, delivery_tag: u64, _: Settle) -> Result<(), Error> {
         Err(Error::ConnectionWrongState {
-            detail: format!(
-                "the connection delivery {delivery_tag} came from is gone; not settled"
-            ),
+            detail: format!("delivery {delivery_tag} not settled: its connection is gone"),
         })
     }
 }

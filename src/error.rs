@@ -280,6 +280,9 @@ use std::time::Duration;
 /// | `DuplicateConsumerTag` | [`Error::DuplicateConsumerTag`] |
 /// | `ConsumerCancelled` | [`Error::ConsumerCancelled`] |
 /// | `DuplicateGetOkCallback` | [`Error::DuplicateGetOkCallback`] |
+/// | `UnroutableError` | [`Error::UnroutableError`] |
+/// | `NackError` | [`Error::NackError`] |
+/// | `ReentrancyError` | [`Error::ReentrancyError`] |
 /// | `MethodNotImplemented` | [`Error::is_method_not_implemented`] (RabbitMQ's 540) |
 /// | `InvalidChannelNumber` | [`Error::InvalidChannelNumber`] |
 /// | `ProtocolSyntaxError`, `InvalidFrameError`, `UnexpectedFrameError` | [`Error::Protocol`], [`Error::UnexpectedFrame`] |
@@ -509,6 +512,29 @@ pub enum Error {
         /// The consumer's tag.
         tag: String,
     },
+    /// A mandatory message published in confirm mode could not be routed:
+    /// the broker returned it (Basic.Return) before confirming it
+    /// (pika's `UnroutableError`, from the blocking channel's publish).
+    #[error("{} message(s) returned by the broker as unroutable", .messages.len())]
+    UnroutableError {
+        /// The returned messages.
+        messages: std::sync::Arc<Vec<crate::message::ReturnedMessage>>,
+    },
+    /// The broker nacked a message published in confirm mode (pika's
+    /// `NackError`, from the blocking channel's publish).
+    #[error("the broker nacked delivery tag(s) {delivery_tags:?}")]
+    NackError {
+        /// The nacked delivery tags.
+        delivery_tags: Vec<u64>,
+    },
+    /// A blocking call that may not be made from where it was made, e.g.
+    /// `start_consuming` from inside a consumer callback (pika's
+    /// `ReentrancyError`).
+    #[error("reentrancy error: {detail}")]
+    ReentrancyError {
+        /// What was called, and from where.
+        detail: String,
+    },
 
     // ---- caller errors -----------------------------------------------
     /// A parameter value is out of range or malformed; names the parameter.
@@ -574,6 +600,8 @@ impl Error {
                 | Error::DuplicateConsumerTag { .. }
                 | Error::DuplicateGetOkCallback
                 | Error::ConsumerCancelled { .. }
+                | Error::UnroutableError { .. }
+                | Error::NackError { .. }
         )
     }
 

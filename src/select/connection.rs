@@ -511,6 +511,11 @@ impl SelectConnection {
             let mut st = self.shared.state.borrow_mut();
             if let Some(core) = st.core_mut() {
                 core.close(reply_code, reply_text, std::time::Instant::now())?;
+                // Every channel is closing: acks from other threads are
+                // refused from now on.
+                for key in core.channel_keys() {
+                    self.shared.door.channel_closed(key);
+                }
             }
         }
         self.after_command();
@@ -576,20 +581,21 @@ impl SelectConnection {
     /// it as `close` does.
     ///
     /// A Ctrl-C handler usually calls this (see the `signals` feature).
+    /// Calling it again, or on a connection already closing or closed,
+    /// does nothing: "stop, whatever the state".
     ///
     /// # Errors
-    /// [`Error::ConnectionWrongState`] when already closing or closed.
+    /// None today; the `Result` leaves room for failures to come.
     pub fn shutdown(&self, timeout: std::time::Duration) -> Result<(), Error> {
-        let phase = self.state();
-        if phase != ConnectionState::Open {
-            return self.close(200, "Normal shutdown");
+        match self.state() {
+            ConnectionState::Open => {}
+            ConnectionState::Closing | ConnectionState::Closed => return Ok(()),
+            _ => return self.close(200, "Normal shutdown"),
         }
         {
             let mut st = self.shared.state.borrow_mut();
             if st.shutting_down {
-                return Err(Error::ConnectionWrongState {
-                    detail: "a shutdown is already under way".into(),
-                });
+                return Ok(());
             }
             st.shutting_down = true;
             if let Some(core) = st.core_mut() {

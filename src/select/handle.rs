@@ -96,24 +96,22 @@ impl Door for SelectDoor {
     ) -> Result<(), Error> {
         if self.state.closed.load(Ordering::Acquire) {
             return Err(Error::ConnectionWrongState {
-                detail: format!(
-                    "the connection delivery {delivery_tag} came from is closed; not settled"
-                ),
+                detail: format!("delivery {delivery_tag} not settled: its connection is closed"),
             });
         }
         let current = self.state.epoch.load(Ordering::Acquire);
         if current != epoch {
             return Err(Error::ChannelWrongState {
                 detail: format!(
-                    "delivery {delivery_tag} came from connection instance {epoch}, the \
-                     connection is now instance {current}; not settled"
+                    "delivery {delivery_tag} not settled: it came from connection instance \
+                     {epoch}, the connection is now instance {current}"
                 ),
             });
         }
         if lock(&self.state.channels).get(&channel.number) != Some(&channel.generation) {
             return Err(Error::ChannelWrongState {
                 detail: format!(
-                    "channel {}, which delivery {delivery_tag} came from, is closed; not settled",
+                    "delivery {delivery_tag} not settled: its channel {} is closed or closing",
                     channel.number
                 ),
             });
