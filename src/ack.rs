@@ -15,6 +15,15 @@ use crate::error::Error;
 use crate::protocol::ChannelKey;
 pub use crate::protocol::Settle;
 
+/// Epochs are unique in the process: a delivery's epoch names the one
+/// connection instance (face and attempt) it came from.
+static NEXT_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The epoch for a new protocol core instance.
+pub(crate) fn next_epoch() -> u64 {
+    NEXT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A face's way from any thread back to its connection's thread.
 pub(crate) trait Door: Send + Sync {
     /// Settles `delivery_tag` on `channel` of connection instance `epoch`,

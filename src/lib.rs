@@ -119,6 +119,7 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod ack;
+pub mod blocking;
 pub mod credentials;
 pub mod error;
 pub mod frame;
@@ -151,6 +152,7 @@ pub mod channel {
 }
 
 pub use ack::{AckHandle, Settle};
+pub use blocking::{BlockingChannel, BlockingConnection};
 pub use channel::{
     BasicConsumeOptions, Channel, ChannelState, Confirmation, Delivery, ExchangeDeclareOptions,
     GetMessage, QueueDeclareOptions, QueueDeleteOptions, ReturnedMessage,

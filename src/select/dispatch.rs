@@ -81,7 +81,9 @@ impl SelectConnection {
                 consumer,
                 delivery,
             } => self.deliver(channel, consumer, delivery),
-            Event::DeliveryAfterCancel { channel, delivery, .. } => {
+            Event::DeliveryAfterCancel {
+                channel, delivery, ..
+            } => {
                 // pika's select channel drops these too (they are auto-acked).
                 log::warn!(
                     "{channel}: auto-acked delivery {} for a consumer being cancelled dropped",

@@ -312,7 +312,7 @@ impl SelectConnection {
             let params = st.params.clone();
             let Some(s) = st.session.as_mut() else { return };
             let handshake_deadline = params.stack_timeout().map(|t| (s.started + t, t));
-            let epoch = super::next_epoch();
+            let epoch = crate::ack::next_epoch();
             self.shared.door.set_epoch(epoch);
             let config = Config {
                 epoch,

@@ -194,15 +194,6 @@ impl State {
     }
 }
 
-/// Epochs are unique in the process: a delivery's epoch names the one
-/// connection instance (face and attempt) it came from.
-static NEXT_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-/// The epoch for a new core instance.
-fn next_epoch() -> u64 {
-    NEXT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
 /// Closures queued by other threads.
 struct ThreadsafeQueue {
     closed: bool,

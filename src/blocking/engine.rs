@@ -1,0 +1,710 @@
+//! The blocking face's driver: one protocol core, its socket, a poller of
+//! its own and the face's bookkeeping, behind one mutex, driven by
+//! whichever thread is waiting for something.
+//!
+//! Design notes (not API):
+//! * Every blocking call is "queue a command, then wait until a condition
+//!   holds": [`Engine::wait`] polls the socket (with the lock released),
+//!   hands each frame to the core, and routes the core's events — replies
+//!   to a map by request id, deliveries and other callbacks to a dispatch
+//!   queue that only `process_data_events` (and so `sleep`,
+//!   `start_consuming`) empties. No user code runs under the lock.
+//! * One thread drives at a time (`driving`); another thread that has to
+//!   wait sleeps on a condition variable and re-checks after each turn, so
+//!   handles moved to other threads stay correct.
+//! * Writes are coalesced: a publish appends to the core's buffer and asks
+//!   a small flusher thread to write within [`FLUSH_DELAY`]; a full buffer
+//!   ([`FLUSH_AT`]) is written at once; every wait writes first. So a
+//!   burst of publishes costs one write per burst, and a lone publish
+//!   leaves within a fraction of a millisecond without another call.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use polling::{Event as PollEvent, PollMode, Poller};
+
+use crate::error::Error;
+use crate::message::{Delivery, ReturnedMessage};
+use crate::protocol::{self, ChannelKey, ConsumerId, Event, Reply, RequestId};
+use crate::spec::{basic, connection};
+use crate::transport::{Stream, tls_failure};
+
+/// The poller key of the connection's socket.
+const SOCKET_KEY: usize = 0;
+/// How much one read asks for.
+const READ_CHUNK: usize = 64 * 1024;
+/// How many reads one turn may do before the deadlines get their turn.
+const READS_PER_TURN: usize = 16;
+/// A publish's bytes are written by the flusher this long after it.
+pub(super) const FLUSH_DELAY: Duration = Duration::from_micros(200);
+/// An outbound buffer this full is written at once.
+pub(super) const FLUSH_AT: usize = 64 * 1024;
+
+/// A callback for other threads' closures and timers.
+pub(super) type ConnCallback = Box<dyn FnOnce(&super::BlockingConnection) + Send>;
+/// A consumer's callback.
+pub(super) type OnMessage = Box<dyn FnMut(&super::BlockingChannel, Delivery) + Send>;
+/// A broker-cancel callback.
+pub(super) type OnCancel = Box<dyn FnMut(&super::BlockingChannel, &basic::Cancel) + Send>;
+/// A return callback.
+pub(super) type OnReturn = Box<dyn FnMut(&super::BlockingChannel, &ReturnedMessage) + Send>;
+/// A blocked callback.
+pub(super) type OnBlocked = Box<dyn FnMut(&super::BlockingConnection, &connection::Blocked) + Send>;
+/// An unblocked callback.
+pub(super) type OnUnblocked =
+    Box<dyn FnMut(&super::BlockingConnection, &connection::Unblocked) + Send>;
+
+/// Something for `process_data_events` to hand to a callback, in the order
+/// it arrived.
+pub(super) enum Dispatch {
+    Delivery {
+        channel: ChannelKey,
+        consumer: ConsumerId,
+        delivery: Delivery,
+    },
+    Returned {
+        channel: ChannelKey,
+        message: ReturnedMessage,
+    },
+    Cancelled {
+        channel: ChannelKey,
+        cancel: basic::Cancel,
+    },
+    Blocked(connection::Blocked),
+    Unblocked(connection::Unblocked),
+}
+
+/// A consumer with a callback.
+pub(super) struct ConsumerFace {
+    pub(super) id: ConsumerId,
+    pub(super) tag: String,
+    pub(super) no_ack: bool,
+    /// Taken out while it runs.
+    pub(super) callback: Option<OnMessage>,
+    /// The application cancelled it: its queued deliveries are rejected
+    /// (or, auto-acked, kept for `basic_cancel`'s answer).
+    pub(super) cancelled: bool,
+}
+
+/// The consumer of [`super::BlockingChannel::consume`].
+pub(super) struct Generator {
+    pub(super) queue: String,
+    pub(super) auto_ack: bool,
+    pub(super) exclusive: bool,
+    pub(super) id: ConsumerId,
+    pub(super) tag: String,
+    pub(super) buffer: VecDeque<Delivery>,
+    /// Cancelled (by the application or the broker): iteration ends once
+    /// the buffer is drained.
+    pub(super) ended: bool,
+}
+
+/// What became of a publish in confirm mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Ack,
+    Nack,
+    Failed,
+}
+
+/// The face's side of one channel.
+pub(super) struct ChannelFace {
+    pub(super) key: ChannelKey,
+    /// Why it closed.
+    pub(super) closed: Option<Error>,
+    pub(super) consumers: Vec<ConsumerFace>,
+    pub(super) on_cancel: Vec<OnCancel>,
+    pub(super) on_return: Vec<OnReturn>,
+    pub(super) confirm_mode: bool,
+    /// Confirm outcomes not yet collected, by delivery tag.
+    pub(super) outcomes: HashMap<u64, Outcome>,
+    /// Publishes in confirm mode whose outcome is not collected yet.
+    pub(super) unconfirmed: usize,
+    /// Messages returned in confirm mode, not yet collected.
+    pub(super) returned: Vec<ReturnedMessage>,
+    /// Auto-acked messages that crossed a cancel of ours.
+    pub(super) after_cancel: Vec<Delivery>,
+    pub(super) generator: Option<Generator>,
+}
+
+impl ChannelFace {
+    pub(super) fn new(key: ChannelKey) -> ChannelFace {
+        ChannelFace {
+            key,
+            closed: None,
+            consumers: Vec::new(),
+            on_cancel: Vec::new(),
+            on_return: Vec::new(),
+            confirm_mode: false,
+            outcomes: HashMap::new(),
+            unconfirmed: 0,
+            returned: Vec::new(),
+            after_cancel: Vec::new(),
+            generator: None,
+        }
+    }
+}
+
+/// A timer of [`super::BlockingConnection::call_later`].
+pub(super) struct Timer {
+    pub(super) id: u64,
+    pub(super) due: Instant,
+    pub(super) callback: ConnCallback,
+}
+
+/// Everything behind the lock.
+pub(super) struct State {
+    pub(super) core: protocol::Connection,
+    stream: Option<Stream>,
+    inbound: Vec<u8>,
+    inbound_start: usize,
+    inbound_end: usize,
+    write_interest: bool,
+    /// A thread is waiting in the poller (with the lock released).
+    driving: bool,
+    /// How the connection ended (set once the core's Closed is routed).
+    pub(super) terminal: Option<Error>,
+    pub(super) opened: bool,
+    pub(super) replies: HashMap<RequestId, Result<Reply, Error>>,
+    pub(super) dispatch: VecDeque<Dispatch>,
+    pub(super) channels: HashMap<u16, ChannelFace>,
+    pub(super) timers: Vec<Timer>,
+    pub(super) next_timer: u64,
+    pub(super) on_blocked: Vec<OnBlocked>,
+    pub(super) on_unblocked: Vec<OnUnblocked>,
+    /// A callback is running (`start_consuming` is refused inside one).
+    pub(super) dispatching: bool,
+    /// The flusher was asked to write.
+    flush_requested: bool,
+    pub(super) high_water: usize,
+    pub(super) low_water: usize,
+}
+
+impl State {
+    /// The local address of the socket, while it is open.
+    pub(super) fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.as_ref().and_then(Stream::local_addr)
+    }
+
+    /// The face of channel `key`, when it is this key's.
+    pub(super) fn face(&mut self, key: ChannelKey) -> Option<&mut ChannelFace> {
+        self.channels.get_mut(&key.number).filter(|f| f.key == key)
+    }
+
+    /// Whether there is something for `process_data_events` to dispatch
+    /// at `now`.
+    pub(super) fn has_dispatch(&self, now: Instant) -> bool {
+        !self.dispatch.is_empty() || self.timers.iter().any(|t| t.due <= now)
+    }
+}
+
+/// Closures other threads hand over (`add_callback_threadsafe`).
+#[derive(Default)]
+pub(super) struct Jobs {
+    pub(super) closed: bool,
+    pub(super) callbacks: VecDeque<ConnCallback>,
+}
+
+/// The flusher thread's mailbox.
+#[derive(Default)]
+struct FlushSignal {
+    requested: Mutex<bool>,
+    cv: Condvar,
+    stop: AtomicBool,
+}
+
+/// One connection's driver, shared by the connection, its channels, its
+/// thread-safe handle and ack handles.
+pub(super) struct Engine {
+    poller: Poller,
+    events: Mutex<polling::Events>,
+    state: Mutex<State>,
+    /// Signalled after each turn of the driving thread.
+    turn: Condvar,
+    pub(super) jobs: Mutex<Jobs>,
+    flush: Arc<FlushSignal>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Engine {
+    /// An engine over a connected (or connecting) stream and a new core.
+    pub(super) fn new(stream: Stream, core: protocol::Connection) -> io::Result<Arc<Engine>> {
+        let poller = Poller::new()?;
+        // SAFETY: the socket stays open while registered: the stream owns
+        // it, and `drop_stream` deletes it from the poller before dropping
+        // the stream; the engine's Drop does too.
+        unsafe {
+            poller.add_with_mode(
+                &**stream.socket(),
+                PollEvent::all(SOCKET_KEY),
+                PollMode::Level,
+            )?;
+        }
+        let engine = Arc::new(Engine {
+            poller,
+            events: Mutex::new(polling::Events::new()),
+            state: Mutex::new(State {
+                core,
+                stream: Some(stream),
+                inbound: vec![0; READ_CHUNK],
+                inbound_start: 0,
+                inbound_end: 0,
+                write_interest: true,
+                driving: false,
+                terminal: None,
+                opened: false,
+                replies: HashMap::new(),
+                dispatch: VecDeque::new(),
+                channels: HashMap::new(),
+                timers: Vec::new(),
+                next_timer: 1,
+                on_blocked: Vec::new(),
+                on_unblocked: Vec::new(),
+                dispatching: false,
+                flush_requested: false,
+                high_water: 16 * 1024 * 1024,
+                low_water: 4 * 1024 * 1024,
+            }),
+            turn: Condvar::new(),
+            jobs: Mutex::new(Jobs::default()),
+            flush: Arc::new(FlushSignal::default()),
+        });
+        spawn_flusher(Arc::downgrade(&engine), engine.flush.clone());
+        Ok(engine)
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Wakes a thread waiting in the poller (for bytes or closures queued
+    /// by another thread).
+    pub(super) fn notify(&self) {
+        let _ = self.poller.notify();
+    }
+
+    /// After a command queued bytes: written by the flusher shortly, at
+    /// once when the buffer is full, and the caller blocks while it is over
+    /// the high-water mark. Other threads' drivers are woken.
+    pub(super) fn after_command(&self, mut st: MutexGuard<'_, State>) -> Result<(), Error> {
+        if st.driving {
+            drop(st);
+            self.notify();
+            return Ok(());
+        }
+        let queued = st.core.outbound().len();
+        if queued >= st.high_water {
+            let low = st.low_water;
+            drop(st);
+            // Blocks (driving I/O, heartbeats included) until the broker
+            // took enough.
+            self.wait(None, |st| (st.core.outbound().len() < low).then_some(()))?;
+            return Ok(());
+        }
+        if queued >= FLUSH_AT {
+            self.flush_locked(&mut st);
+        } else if queued > 0 && !st.flush_requested {
+            st.flush_requested = true;
+            drop(st);
+            *lock(&self.flush.requested) = true;
+            self.flush.cv.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Waits until `ready` gives a value, driving I/O meanwhile; `None`
+    /// when `deadline` passed first. The connection's end is an `Err`
+    /// (unless `ready` takes it first).
+    pub(super) fn wait<T>(
+        &self,
+        deadline: Option<Instant>,
+        mut ready: impl FnMut(&mut State) -> Option<T>,
+    ) -> Result<Option<T>, Error> {
+        let mut st = self.lock();
+        loop {
+            if let Some(value) = ready(&mut st) {
+                return Ok(Some(value));
+            }
+            if let Some(e) = &st.terminal {
+                return Err(e.clone());
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Ok(None);
+            }
+            if st.driving {
+                let bound = deadline
+                    .map_or(Duration::from_millis(50), |d| d - now)
+                    .min(Duration::from_millis(50));
+                st = self
+                    .turn
+                    .wait_timeout(st, bound)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            }
+            st = self.turn_once(st, deadline);
+        }
+    }
+
+    /// One turn that does not wait (pika's `process_data_events(0)`).
+    ///
+    /// # Errors
+    /// The connection's end.
+    pub(super) fn poll_once(&self) -> Result<(), Error> {
+        let st = self.lock();
+        if let Some(e) = &st.terminal {
+            return Err(e.clone());
+        }
+        if st.driving {
+            return Ok(());
+        }
+        drop(self.turn_once(st, Some(Instant::now())));
+        Ok(())
+    }
+
+    /// One turn: write, wait in the poller (lock released) until readable,
+    /// a deadline or a notification, then read, hand frames to the core,
+    /// and act on due deadlines.
+    fn turn_once<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        deadline: Option<Instant>,
+    ) -> MutexGuard<'a, State> {
+        self.flush_locked(&mut st);
+        if st.terminal.is_some() || st.stream.is_none() {
+            return st;
+        }
+        let now = Instant::now();
+        let next = [deadline, st.core.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min();
+        let timeout = next.map(|d| d.saturating_duration_since(now));
+        st.driving = true;
+        drop(st);
+        let readable = {
+            let mut events = lock(&self.events);
+            events.clear();
+            match self.poller.wait(&mut events, timeout) {
+                Ok(_) => events
+                    .iter()
+                    .any(|e| e.readable || e.is_err().unwrap_or(false)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
+                // polling's poll(2) backend may report a racing notify as
+                // EAGAIN: a wake-up, not a failure.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+                Err(e) => {
+                    log::warn!("blocking connection: poller failed: {e}");
+                    false
+                }
+            }
+        };
+        let mut st = self.lock();
+        st.driving = false;
+        if readable {
+            self.read_some(&mut st);
+        }
+        st.core.handle_timeout(Instant::now());
+        self.route(&mut st);
+        self.flush_locked(&mut st);
+        self.turn.notify_all();
+        st
+    }
+
+    /// Reads what is there (bounded), handing each frame to the core.
+    fn read_some(&self, st: &mut State) {
+        for _ in 0..READS_PER_TURN {
+            match self.read_once(st) {
+                Some(Ok(0)) => {
+                    self.stream_ended(st, None);
+                    return;
+                }
+                Some(Ok(n)) => {
+                    self.process_inbound(st);
+                    if n < READ_CHUNK {
+                        return;
+                    }
+                }
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Some(Err(e)) => {
+                    self.stream_ended(st, Some(e));
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+
+    fn read_once(&self, st: &mut State) -> Option<io::Result<usize>> {
+        let stream = st.stream.as_mut()?;
+        if st.inbound.len() - st.inbound_end < READ_CHUNK {
+            st.inbound.copy_within(st.inbound_start..st.inbound_end, 0);
+            st.inbound_end -= st.inbound_start;
+            st.inbound_start = 0;
+            if st.inbound.len() - st.inbound_end < READ_CHUNK {
+                let grown = st.inbound_end + READ_CHUNK;
+                st.inbound.resize(grown, 0);
+            }
+        }
+        let result = stream.read(&mut st.inbound[st.inbound_end..]);
+        if let Ok(n) = result {
+            st.inbound_end += n;
+        }
+        Some(result)
+    }
+
+    /// Hands every whole frame received to the core, routing the events of
+    /// each (no user code runs here: they are queued).
+    fn process_inbound(&self, st: &mut State) {
+        let now = Instant::now();
+        while st.inbound_start < st.inbound_end {
+            let used = st
+                .core
+                .handle_input(&st.inbound[st.inbound_start..st.inbound_end], now);
+            st.inbound_start += used;
+            if st.inbound_start == st.inbound_end {
+                st.inbound_start = 0;
+                st.inbound_end = 0;
+            }
+            self.route(st);
+            if used == 0 || st.terminal.is_some() {
+                return;
+            }
+        }
+    }
+
+    fn stream_ended(&self, st: &mut State, error: Option<io::Error>) {
+        match error.as_ref().and_then(tls_failure) {
+            Some(tls) => st.core.fail(tls),
+            None => st.core.handle_stream_end(error),
+        }
+        self.route(st);
+    }
+
+    /// Writes what the core queued, as far as the socket takes it, and
+    /// keeps write interest in step. A failed write first reads what is
+    /// still readable: a broker Close received before the stream broke
+    /// wins over the write error.
+    pub(super) fn flush_locked(&self, st: &mut State) {
+        st.flush_requested = false;
+        let Some(stream) = st.stream.as_mut() else {
+            return;
+        };
+        let result = match stream.write(st.core.outbound()) {
+            Ok(n) => {
+                st.core.advance_outbound(n, Instant::now());
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            if let Some(tls) = tls_failure(&e) {
+                st.core.fail(tls);
+                self.route(st);
+                return;
+            }
+            loop {
+                match self.read_once(st) {
+                    Some(Ok(n)) if n > 0 => self.process_inbound(st),
+                    Some(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {}
+                    _ => break,
+                }
+                if st.terminal.is_some() {
+                    return;
+                }
+            }
+            self.stream_ended(st, Some(e));
+            return;
+        }
+        let want = st.core.wants_write() || st.stream.as_ref().is_some_and(Stream::wants_write);
+        if want != st.write_interest {
+            st.write_interest = want;
+            if let Some(stream) = st.stream.as_ref() {
+                let event = if want {
+                    PollEvent::all(SOCKET_KEY)
+                } else {
+                    PollEvent::readable(SOCKET_KEY)
+                };
+                if let Err(e) =
+                    self.poller
+                        .modify_with_mode(&**stream.socket(), event, PollMode::Level)
+                {
+                    log::warn!("blocking connection: cannot update socket interest: {e}");
+                }
+            }
+        }
+    }
+
+    /// Routes every event the core queued.
+    fn route(&self, st: &mut State) {
+        while let Some(event) = st.core.poll_event() {
+            route_event(st, event);
+            if st.terminal.is_some() {
+                // What the core queued last (a CloseOk, a Close with a
+                // reply code) goes out once, best effort, then the socket.
+                if let Some(stream) = st.stream.as_mut() {
+                    if let Ok(n) = stream.write(st.core.outbound()) {
+                        st.core.advance_outbound(n, Instant::now());
+                    }
+                }
+                self.drop_stream(st);
+            }
+        }
+    }
+
+    fn drop_stream(&self, st: &mut State) {
+        if let Some(mut stream) = st.stream.take() {
+            let _ = self.poller.delete(&**stream.socket());
+            stream.shutdown();
+        }
+        lock(&self.jobs).closed = true;
+        self.flush.stop.store(true, Ordering::Release);
+        self.flush.cv.notify_one();
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let mut st = lock(&self.state);
+        if let Some(mut stream) = st.stream.take() {
+            let _ = self.poller.delete(&**stream.socket());
+            stream.shutdown();
+        }
+        self.flush.stop.store(true, Ordering::Release);
+        self.flush.cv.notify_one();
+    }
+}
+
+/// Files one core event where the face picks it up.
+fn route_event(st: &mut State, event: Event) {
+    match event {
+        Event::Opened => st.opened = true,
+        Event::Blocked(b) => st.dispatch.push_back(Dispatch::Blocked(b)),
+        Event::Unblocked(u) => st.dispatch.push_back(Dispatch::Unblocked(u)),
+        Event::Reply {
+            request, result, ..
+        } => {
+            st.replies.insert(request, result);
+        }
+        Event::Delivery {
+            channel,
+            consumer,
+            delivery,
+        } => {
+            if let Some(face) = st.face(channel) {
+                if let Some(g) = face.generator.as_mut().filter(|g| g.id == consumer) {
+                    g.buffer.push_back(delivery);
+                    return;
+                }
+            }
+            st.dispatch.push_back(Dispatch::Delivery {
+                channel,
+                consumer,
+                delivery,
+            });
+        }
+        Event::DeliveryAfterCancel {
+            channel, delivery, ..
+        } => {
+            if let Some(face) = st.face(channel) {
+                face.after_cancel.push(delivery);
+            }
+        }
+        Event::Returned { channel, message } => match st.face(channel) {
+            Some(face) if face.confirm_mode => face.returned.push(message),
+            _ => st
+                .dispatch
+                .push_back(Dispatch::Returned { channel, message }),
+        },
+        Event::Confirm {
+            channel,
+            confirmation,
+        } => {
+            if let Some(face) = st.face(channel) {
+                let outcome = if confirmation.is_ack() {
+                    Outcome::Ack
+                } else if confirmation.is_nack() {
+                    Outcome::Nack
+                } else {
+                    Outcome::Failed
+                };
+                for &tag in confirmation.settled() {
+                    face.outcomes.insert(tag, outcome);
+                }
+            }
+        }
+        Event::ConsumerEnded {
+            channel,
+            consumer,
+            by_broker,
+        } => {
+            if let Some(face) = st.face(channel) {
+                match face.generator.as_mut().filter(|g| g.id == consumer) {
+                    Some(g) => g.ended = true,
+                    None => face.consumers.retain(|c| c.id != consumer),
+                }
+            }
+            if let Some(cancel) = by_broker {
+                st.dispatch
+                    .push_back(Dispatch::Cancelled { channel, cancel });
+            }
+        }
+        Event::Flow { channel, active } => {
+            log::info!("{channel}: the broker asked for flow active={active}");
+        }
+        Event::Watched { .. } => {}
+        Event::ChannelClosed { channel, error } => {
+            if let Some(face) = st.face(channel) {
+                face.closed = Some(error);
+                face.consumers.clear();
+                if let Some(g) = face.generator.as_mut() {
+                    g.ended = true;
+                }
+            }
+        }
+        Event::Closed { error, .. } => {
+            log::info!("connection closed: {error}");
+            st.terminal = Some(error);
+        }
+    }
+}
+
+/// The flusher: writes what publishes queued, [`FLUSH_DELAY`] after the
+/// first of a burst, unless a waiting thread does it first.
+fn spawn_flusher(engine: Weak<Engine>, signal: Arc<FlushSignal>) {
+    let spawned = std::thread::Builder::new()
+        .name("pika-blocking-flush".into())
+        .spawn(move || {
+            loop {
+                {
+                    let mut requested = lock(&signal.requested);
+                    while !*requested && !signal.stop.load(Ordering::Acquire) {
+                        requested = signal.cv.wait(requested).unwrap_or_else(|p| p.into_inner());
+                    }
+                    *requested = false;
+                }
+                if signal.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(FLUSH_DELAY);
+                let Some(engine) = engine.upgrade() else {
+                    return;
+                };
+                let mut st = engine.lock();
+                if st.flush_requested && !st.driving {
+                    engine.flush_locked(&mut st);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("blocking connection: no flusher thread ({e}); writes wait for the next call");
+    }
+}

@@ -1,0 +1,62 @@
+//! The blocking face: pika's [`BlockingConnection`] and [`BlockingChannel`],
+//! for straight-line programs — each call returns when the broker has
+//! answered. The same protocol core as the callback face drives it
+//! ([`crate::protocol`]); this face only waits.
+//!
+//! ```no_run
+//! use pika::{BasicProperties, BlockingConnection, QueueDeclareOptions, UrlParameters};
+//!
+//! let conn = BlockingConnection::new(UrlParameters::parse("amqp://guest:guest@localhost/%2F")?)?;
+//! let channel = conn.channel(None)?;
+//! channel.queue_declare("hello", QueueDeclareOptions::default(), Default::default())?;
+//! channel.basic_publish("", "hello", "Hello World!", &BasicProperties::default(), false)?;
+//! if let Some(message) = channel.basic_get("hello", true)? {
+//!     println!("got {:?}", String::from_utf8_lossy(&message.body));
+//! }
+//! conn.close(200, "done")?;
+//! # Ok::<(), pika::Error>(())
+//! ```
+//!
+//! # Threads and callbacks
+//!
+//! A [`BlockingConnection`] and its channels are `Send` — open them in one
+//! thread, move them to a worker — but not `Sync`. I/O happens only in the
+//! thread that is inside a call: there is no background thread reading the
+//! socket. Consumer callbacks, timers, thread-safe callbacks and the
+//! blocked/unblocked, cancel and return callbacks run only inside
+//! [`BlockingConnection::process_data_events`] (and so inside
+//! [`BlockingConnection::sleep`] and [`BlockingChannel::start_consuming`]),
+//! as in pika: what arrives during any other call is queued and dispatched
+//! later, in order. Inside a callback every method works, except
+//! `start_consuming` ([`Error::ReentrancyError`]).
+//!
+//! # Heartbeats
+//!
+//! Heartbeats are sent and checked while the application is inside a call
+//! of this face. An application that does not call in for longer than the
+//! negotiated heartbeat timeout (RabbitMQ: 60 s by default) is taken for
+//! dead by the broker, which closes the connection; the next call returns
+//! the error. Use [`BlockingConnection::sleep`] rather than
+//! `std::thread::sleep`, or call `process_data_events` now and then during
+//! long work, or turn heartbeats off with [`crate::Heartbeat::Disabled`].
+//!
+//! # Writes
+//!
+//! [`BlockingChannel::basic_publish`] without confirms does not wait: the
+//! message goes into the connection's buffer and a small flusher thread
+//! writes the buffer within a fraction of a millisecond (a burst of
+//! publishes costs one write); a full buffer (64 KiB) is written at once,
+//! and the call blocks only while the buffer is above its high-water mark
+//! (16 MiB). Every later blocking call, `close` and `Drop` write the rest.
+//! pika instead waits until its buffer is empty after each publish.
+
+mod channel;
+mod connection;
+mod consume;
+mod engine;
+mod handle;
+
+pub use channel::BlockingChannel;
+pub use connection::{BlockingConnection, IntoParameterSets, TimerId};
+pub use consume::{Confirms, ConsumeIter};
+pub use handle::BlockingConnectionHandle;
