@@ -707,6 +707,7 @@ impl BlockingChannel {
                     no_ack,
                     callback: Some(Box::new(on_message)),
                     cancelled: false,
+                    ended: false,
                 });
             }
             (request, tag)
@@ -772,7 +773,10 @@ impl BlockingChannel {
             });
             let kept = st
                 .face(key)
-                .map(|f| std::mem::take(&mut f.after_cancel))
+                .map(|f| {
+                    f.consumers.retain(|c| !(c.cancelled && c.ended));
+                    std::mem::take(&mut f.after_cancel)
+                })
                 .unwrap_or_default();
             (kept, queued)
         };
@@ -854,7 +858,7 @@ impl BlockingChannel {
                 .map(|f| {
                     f.consumers
                         .iter()
-                        .filter(|c| !c.cancelled)
+                        .filter(|c| !c.cancelled && !c.ended)
                         .map(|c| c.tag.clone())
                         .collect()
                 })

@@ -620,6 +620,10 @@ impl BlockingConnection {
                 if let Some(f) = self.engine.lock().face(channel) {
                     callbacks.append(&mut f.on_cancel);
                     f.on_cancel = callbacks;
+                    // Everything that arrived before the Cancel has been
+                    // dispatched: the consumer is gone now.
+                    f.consumers
+                        .retain(|c| !(c.ended && c.tag == cancel.consumer_tag));
                 }
             }
             Dispatch::Blocked(blocked) => {

@@ -87,6 +87,10 @@ pub(super) struct ConsumerFace {
     /// The application cancelled it: its queued deliveries are rejected
     /// (or, auto-acked, kept for `basic_cancel`'s answer).
     pub(super) cancelled: bool,
+    /// The broker confirmed its end (CancelOk, or its own Cancel). Kept
+    /// until what arrived before that end is dispatched: the deliveries
+    /// queued ahead of a broker's Cancel still reach the callback (pika).
+    pub(super) ended: bool,
 }
 
 /// The consumer of [`super::BlockingChannel::consume`].
@@ -649,7 +653,11 @@ fn route_event(st: &mut State, event: Event) {
             if let Some(face) = st.face(channel) {
                 match face.generator.as_mut().filter(|g| g.id == consumer) {
                     Some(g) => g.ended = true,
-                    None => face.consumers.retain(|c| c.id != consumer),
+                    None => {
+                        if let Some(c) = face.consumers.iter_mut().find(|c| c.id == consumer) {
+                            c.ended = true;
+                        }
+                    }
                 }
             }
             if let Some(cancel) = by_broker {
