@@ -984,3 +984,49 @@ fn a_connection_closed_by_the_broker_during_start_consuming_is_the_calls_error()
     ));
     assert!(conn.is_closed());
 }
+
+// ----------------------------------------------------------------------
+// Writes
+// ----------------------------------------------------------------------
+
+/// Waits (bounded) on another connection until `queue` holds `n`.
+fn observed_depth(other: &BlockingChannel, queue: &str, n: u32) -> Duration {
+    let started = Instant::now();
+    while depth(other, queue) < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the broker never got the message(s) without another call"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn a_publish_leaves_without_another_call_after_quiet_and_after_busy_spells() {
+    let conn = connect();
+    let ch = conn.channel(None).unwrap();
+    let q = unique("flushed");
+    ch.queue_declare(&q, QueueDeclareOptions::default(), FieldTable::new())
+        .unwrap();
+    let observer = connect();
+    let other = observer.channel(None).unwrap();
+    // A lone publish, the application then busy elsewhere (not calling in).
+    ch.basic_publish("", &q, "lone", &BasicProperties::default(), false)
+        .unwrap();
+    observed_depth(&other, &q, 1);
+    // The last of a burst, likewise.
+    for _ in 0..5_000 {
+        ch.basic_publish("", &q, "burst", &BasicProperties::default(), false)
+            .unwrap();
+    }
+    observed_depth(&other, &q, 5_001);
+    // And after the flusher went to sleep (a quiet spell of > 50 ms).
+    std::thread::sleep(Duration::from_millis(200));
+    ch.basic_publish("", &q, "after", &BasicProperties::default(), false)
+        .unwrap();
+    observed_depth(&other, &q, 5_002);
+    ch.queue_delete(&q, QueueDeleteOptions::default()).unwrap();
+    observer.close(200, "done").unwrap();
+    conn.close(200, "done").unwrap();
+}

@@ -4,7 +4,7 @@
 
 mod common;
 
-#[path = "../examples/perftest.rs"]
+#[path = "../examples/perftest/main.rs"]
 mod perftest;
 
 use perftest::{Report, run_workload};
@@ -107,4 +107,22 @@ fn tls_variants_run_the_same_workloads_over_amqps() {
                 .starts_with(&format!("RESULT workload={name} "))
         );
     }
+}
+
+#[test]
+fn the_blocking_workloads_run_to_completion() {
+    let bp1 = smoke("BP1", 10_000);
+    assert!(bp1.p50_us.is_none());
+    smoke("BP2", 300);
+    smoke("BP2W", 2_500);
+    smoke("BC1", 3_000);
+    let bl1 = smoke("BL1", 50);
+    let (p50, p99) = (bl1.p50_us.unwrap(), bl1.p99_us.unwrap());
+    assert!(0.0 < p50 && p50 <= p99, "{bl1:?}");
+}
+
+#[test]
+fn a_blocking_workload_over_tls_runs_too() {
+    let report = smoke("BC1T", 2_000);
+    assert_eq!(report.workload, "BC1T");
 }

@@ -577,7 +577,6 @@ impl BlockingChannel {
     /// The connection's end.
     pub fn wait_for_confirms(&self, max_outstanding: usize) -> Result<Confirms, Error> {
         let key = self.key;
-        self.engine.notify();
         let confirms = self.engine.wait(None, |st| {
             let face = st.face(key)?;
             let pending = face.unconfirmed - face.outcomes.len();

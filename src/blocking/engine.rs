@@ -12,16 +12,25 @@
 //! * One thread drives at a time (`driving`); another thread that has to
 //!   wait sleeps on a condition variable and re-checks after each turn, so
 //!   handles moved to other threads stay correct.
-//! * Writes are coalesced: a publish appends to the core's buffer and asks
-//!   a small flusher thread to write within [`FLUSH_DELAY`]; a full buffer
-//!   ([`FLUSH_AT`]) is written at once; every wait writes first. So a
-//!   burst of publishes costs one write per burst, and a lone publish
-//!   leaves within a fraction of a millisecond without another call.
+//! * Writes are coalesced: a command (publish, ack, …) appends to the
+//!   core's buffer; the calling thread writes the buffer when it is full
+//!   ([`FLUSH_AT`]), when its oldest byte has waited [`FLUSH_DELAY`] (checked
+//!   at each command), and before every wait. For an application that goes
+//!   quiet right after a publish, a flusher thread ticks while commands
+//!   keep coming, writing what has waited [`FLUSH_DELAY`]: every
+//!   [`FLUSH_TICK`] after it wrote something, backing off to
+//!   [`FLUSH_TICK_MAX`] while the application's own calls do the writing,
+//!   and sleeping on a condition variable after [`FLUSH_IDLE_AFTER`] with
+//!   nothing queued. So a burst costs one write per [`FLUSH_DELAY`] or
+//!   [`FLUSH_AT`], the flusher costs at most a few wake-ups per millisecond
+//!   however many messages go by, a lone publish after a quiet spell
+//!   leaves within about `2 × FLUSH_DELAY`, and the last publish of a busy
+//!   spell within `FLUSH_DELAY + FLUSH_TICK_MAX`, without another call.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use polling::{Event as PollEvent, PollMode, Poller};
@@ -38,8 +47,16 @@ const SOCKET_KEY: usize = 0;
 const READ_CHUNK: usize = 64 * 1024;
 /// How many reads one turn may do before the deadlines get their turn.
 const READS_PER_TURN: usize = 16;
-/// A publish's bytes are written by the flusher this long after it.
+/// Queued bytes are written once the oldest has waited this long.
 pub(super) const FLUSH_DELAY: Duration = Duration::from_micros(200);
+/// The flusher's shortest period, after it had something to write.
+pub(super) const FLUSH_TICK: Duration = Duration::from_micros(500);
+/// The flusher's longest period: it doubles up to this while the
+/// application writes for itself (it keeps calling in).
+pub(super) const FLUSH_TICK_MAX: Duration = Duration::from_millis(2);
+/// With nothing queued this long, the flusher sleeps until the next
+/// command wakes it.
+pub(super) const FLUSH_IDLE_AFTER: Duration = Duration::from_millis(50);
 /// An outbound buffer this full is written at once.
 pub(super) const FLUSH_AT: usize = 64 * 1024;
 
@@ -181,8 +198,10 @@ pub(super) struct State {
     pub(super) on_unblocked: Vec<OnUnblocked>,
     /// A callback is running (`start_consuming` is refused inside one).
     pub(super) dispatching: bool,
-    /// The flusher was asked to write.
-    flush_requested: bool,
+    /// When the oldest byte not yet written was queued.
+    unflushed_since: Option<Instant>,
+    /// The flusher sleeps until a command wakes it.
+    flusher_idle: bool,
     pub(super) high_water: usize,
     pub(super) low_water: usize,
 }
@@ -271,7 +290,8 @@ impl Engine {
                 on_blocked: Vec::new(),
                 on_unblocked: Vec::new(),
                 dispatching: false,
-                flush_requested: false,
+                unflushed_since: None,
+                flusher_idle: true,
                 high_water: 16 * 1024 * 1024,
                 low_water: 4 * 1024 * 1024,
             }),
@@ -311,13 +331,25 @@ impl Engine {
             self.wait(None, |st| (st.core.outbound().len() < low).then_some(()))?;
             return Ok(());
         }
-        if queued >= FLUSH_AT {
-            self.flush_locked(&mut st);
-        } else if queued > 0 && !st.flush_requested {
-            st.flush_requested = true;
-            drop(st);
-            *lock(&self.flush.requested) = true;
-            self.flush.cv.notify_one();
+        if queued == 0 {
+            return Ok(());
+        }
+        // While the last write found the socket full, only the poller can
+        // say when it takes more (a send per command until then would be a
+        // busy loop): the high-water wait above drives it.
+        let writable = !st.write_interest;
+        match st.unflushed_since {
+            _ if queued >= FLUSH_AT && writable => self.flush_locked(&mut st),
+            Some(since) if writable && since.elapsed() >= FLUSH_DELAY => self.flush_locked(&mut st),
+            Some(_) => {}
+            None => {
+                st.unflushed_since = Some(Instant::now());
+                if std::mem::replace(&mut st.flusher_idle, false) {
+                    drop(st);
+                    *lock(&self.flush.requested) = true;
+                    self.flush.cv.notify_one();
+                }
+            }
         }
         Ok(())
     }
@@ -498,13 +530,15 @@ impl Engine {
     /// still readable: a broker Close received before the stream broke
     /// wins over the write error.
     pub(super) fn flush_locked(&self, st: &mut State) {
-        st.flush_requested = false;
         let Some(stream) = st.stream.as_mut() else {
             return;
         };
         let result = match stream.write(st.core.outbound()) {
             Ok(n) => {
                 st.core.advance_outbound(n, Instant::now());
+                if st.core.outbound().is_empty() {
+                    st.unflushed_since = None;
+                }
                 Ok(())
             }
             Err(e) => Err(e),
@@ -685,8 +719,11 @@ fn route_event(st: &mut State, event: Event) {
     }
 }
 
-/// The flusher: writes what publishes queued, [`FLUSH_DELAY`] after the
-/// first of a burst, unless a waiting thread does it first.
+/// The flusher: woken by the first command after a quiet spell, it ticks,
+/// writing what has waited [`FLUSH_DELAY`] (unless a thread is driving the
+/// connection, or holds the lock: those write for themselves), and goes
+/// back to sleep after [`FLUSH_IDLE_AFTER`] with nothing queued. See the
+/// module docs for the periods.
 fn spawn_flusher(engine: Weak<Engine>, signal: Arc<FlushSignal>) {
     let spawned = std::thread::Builder::new()
         .name("pika-blocking-flush".into())
@@ -699,16 +736,43 @@ fn spawn_flusher(engine: Weak<Engine>, signal: Arc<FlushSignal>) {
                     }
                     *requested = false;
                 }
-                if signal.stop.load(Ordering::Acquire) {
-                    return;
-                }
-                std::thread::sleep(FLUSH_DELAY);
-                let Some(engine) = engine.upgrade() else {
-                    return;
-                };
-                let mut st = engine.lock();
-                if st.flush_requested && !st.driving {
-                    engine.flush_locked(&mut st);
+                let mut pause = FLUSH_DELAY;
+                let mut quiet = Duration::ZERO;
+                loop {
+                    if signal.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    std::thread::sleep(pause);
+                    let Some(engine) = engine.upgrade() else {
+                        return;
+                    };
+                    let slept = pause;
+                    pause = (pause * 2).min(FLUSH_TICK_MAX);
+                    // A thread holding the lock is inside a call: it writes.
+                    let mut st = match engine.state.try_lock() {
+                        Ok(st) => st,
+                        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                        Err(TryLockError::WouldBlock) => {
+                            quiet = Duration::ZERO;
+                            continue;
+                        }
+                    };
+                    match st.unflushed_since {
+                        Some(since) => {
+                            quiet = Duration::ZERO;
+                            if !st.driving && since.elapsed() >= FLUSH_DELAY {
+                                engine.flush_locked(&mut st);
+                                pause = FLUSH_TICK;
+                            }
+                        }
+                        None => quiet += slept,
+                    }
+                    if quiet >= FLUSH_IDLE_AFTER {
+                        // Under the state lock: the next command sees it
+                        // and wakes this thread.
+                        st.flusher_idle = true;
+                        break;
+                    }
                 }
             }
         });

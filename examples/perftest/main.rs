@@ -9,8 +9,13 @@
 //! | `L1` | 10 000 publish → deliver round trips, one at a time (auto-ack): p50 / p99 latency |
 //! | `B1` | 500 × 1 MiB messages published and consumed on one connection: MiB/s |
 //!
+//! and the same through the blocking face (`BlockingConnection`, see
+//! `blocking.rs`): `BP1`, `BP2` (one confirmed publish at a time, as pika
+//! does), `BP2W` (the window API, 1 000 in flight), `BC1` (the `consume()`
+//! iterator) and `BL1` (20 000 for BP2, the others as above).
+//!
 //! ```text
-//! scripts/with-broker cargo run --release --example perftest              # all five
+//! scripts/with-broker cargo run --release --example perftest              # all ten
 //! scripts/with-broker cargo run --release --example perftest P1 L1        # some
 //! scripts/with-broker cargo run --release --example perftest -- --n 20000 # smaller n, all
 //! scripts/with-broker cargo run --release --example perftest P1=20000 B1=50
@@ -50,16 +55,23 @@ use pika::{
     QueueDeclareOptions, SelectConnection, UrlParameters,
 };
 
-/// The workloads, in the order a run without arguments runs them.
-pub const WORKLOADS: [&str; 5] = ["P1", "P2", "C1", "L1", "B1"];
+mod blocking;
+
+/// The workloads, in the order a run without arguments runs them: the
+/// callback face's, then the blocking face's.
+pub const WORKLOADS: [&str; 10] = [
+    "P1", "P2", "C1", "L1", "B1", "BP1", "BP2", "BP2W", "BC1", "BL1",
+];
 
 /// The n a workload runs with unless told otherwise.
 pub fn default_n(workload: &str) -> Option<u64> {
     // A `T` suffix runs the same workload over TLS.
     let workload = workload.strip_suffix('T').unwrap_or(workload);
     match workload {
-        "P1" | "P2" | "C1" => Some(200_000),
-        "L1" => Some(10_000),
+        "P1" | "P2" | "C1" | "BP1" | "BP2W" | "BC1" => Some(200_000),
+        // A round trip per message.
+        "BP2" => Some(20_000),
+        "L1" | "BL1" => Some(10_000),
         "B1" => Some(500),
         _ => None,
     }
@@ -395,11 +407,7 @@ impl Bench {
 /// queue, hands them to `workload` and runs the loop until the workload
 /// finishes (or the connection fails, or [`TIME_LIMIT`] passes).
 fn run_on_connection(url: &str, workload: impl FnOnce(Bench) + 'static) -> Result<Measured, Error> {
-    let params: pika::ConnectionParameters = if url.starts_with("amqps://") {
-        tls_params(url)?
-    } else {
-        UrlParameters::parse(url)?.into()
-    };
+    let params = params_for(url)?;
     let slot: ResultSlot = Rc::default();
     let (open_slot, error_slot, close_slot) = (slot.clone(), slot.clone(), slot.clone());
     let conn = SelectConnection::new(
@@ -857,7 +865,8 @@ fn big_messages(bench: Bench, n: u64) {
     }
 }
 
-/// Runs one workload (`P1`, `P2`, `C1`, `L1` or `B1`) with `n` messages
+/// Runs one workload (`P1`, `P2`, `C1`, `L1`, `B1` or a blocking one,
+/// `BP1` …, see [`WORKLOADS`]) with `n` messages
 /// (round trips for L1) against the broker at `url`, in this process and
 /// on this thread, and returns its figures.
 ///
@@ -891,6 +900,9 @@ pub fn run_workload(name: &str, n: u64, url: &str) -> Result<Report, Error> {
             reason: "at least one message is needed".into(),
         });
     }
+    if let Some(measured) = blocking::run(name, n, || params_for(url)) {
+        return Ok(Report::new(&report_name, n, &measured?));
+    }
     let measured = match name {
         "P1" => run_on_connection(url, move |b| publish_without_confirms(b, n))?,
         "P2" => run_on_connection(url, move |b| publish_with_confirms(b, n))?,
@@ -908,6 +920,15 @@ pub fn run_workload(name: &str, n: u64, url: &str) -> Result<Report, Error> {
         }
     };
     Ok(Report::new(&report_name, n, &measured))
+}
+
+/// Parameters for `url`: see [`tls_params`] for amqps.
+fn params_for(url: &str) -> Result<pika::ConnectionParameters, Error> {
+    if url.starts_with("amqps://") {
+        tls_params(url)
+    } else {
+        Ok(UrlParameters::parse(url)?.into())
+    }
 }
 
 /// Parameters for an amqps URL, with the CA and client certificate from
@@ -941,7 +962,8 @@ const CHILD_ENV: &str = "PERFTEST_CHILD";
 
 #[allow(dead_code)] // main only
 const USAGE: &str = "usage: perftest [--n N] [WORKLOAD[=N]...]
-  WORKLOAD: P1 P2 C1 L1 B1 (default: all, in that order); a T suffix
+  WORKLOAD: P1 P2 C1 L1 B1, and through the blocking face BP1 BP2 BP2W BC1
+  BL1 (default: all, in that order); a T suffix
   (P1T ...) runs it over TLS; --tls runs each chosen workload over TLS too,
   right after its plain-TCP run
   --n N / PERFTEST_N=N: n for every workload run; WORKLOAD=N: n for that one
@@ -1037,6 +1059,10 @@ fn peer_cpu_us(workload: &str) -> Option<f64> {
         "P1" => Some(3.7),
         "P2" => Some(5.0),
         "C1" => Some(7.0),
+        // amiquip 0.4, a blocking Rust client, with the same workloads.
+        "BP1" => Some(3.7),
+        "BP2W" => Some(4.6),
+        "BC1" => Some(5.0),
         _ => None,
     }
 }
@@ -1080,6 +1106,41 @@ fn print_table(reports: &[Report]) {
             opt(r.p50_us, 1),
             opt(r.p99_us, 1),
         );
+    }
+}
+
+/// The blocking face beside the callback face, from the same run: process
+/// CPU per message of BP1, BP2W and BC1 over P1, P2 and C1, and BL1's p50
+/// over L1's.
+#[allow(dead_code)] // main only
+fn print_face_comparison(reports: &[Report]) {
+    let find = |name: &str| reports.iter().find(|r| r.workload == name);
+    let pairs = [("BP1", "P1"), ("BP2W", "P2"), ("BC1", "C1")];
+    let mut lines = Vec::new();
+    for (blocking, select) in pairs {
+        if let (Some(b), Some(s)) = (find(blocking), find(select)) {
+            lines.push(format!(
+                "{blocking}/{select} process CPU per message: {:.3} / {:.3} µs = {:.2}×",
+                b.proc_cpu_us_per_msg,
+                s.proc_cpu_us_per_msg,
+                b.proc_cpu_us_per_msg / s.proc_cpu_us_per_msg.max(1e-9)
+            ));
+        }
+    }
+    if let (Some(b), Some(s)) = (find("BL1"), find("L1")) {
+        if let (Some(bp), Some(sp)) = (b.p50_us, s.p50_us) {
+            lines.push(format!(
+                "BL1/L1 p50: {bp:.1} / {sp:.1} µs = {:.2}×",
+                bp / sp.max(1e-9)
+            ));
+        }
+    }
+    if !lines.is_empty() {
+        println!();
+        println!("# the blocking face beside the callback face");
+        for line in lines {
+            println!("{line}");
+        }
     }
 }
 
@@ -1141,6 +1202,7 @@ fn main() -> ExitCode {
         }
     }
     print_table(&reports);
+    print_face_comparison(&reports);
     if failed {
         ExitCode::FAILURE
     } else {
