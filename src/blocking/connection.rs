@@ -345,6 +345,13 @@ impl BlockingConnection {
         };
         if time_limit == Some(Duration::ZERO) {
             self.engine.poll_once()?;
+        } else if inside_callback && limit.is_some() {
+            // Nothing is dispatched inside a callback, so what is queued
+            // (or arrives) cannot end the wait: drive I/O, heartbeats
+            // included, for the whole time limit. (Waiting for "something
+            // to dispatch" returned at once here, and `sleep` spun without
+            // touching the socket.)
+            self.engine.wait(limit, |_| None::<()>)?;
         } else {
             loop {
                 let next_timer = self.engine.lock().timers.iter().map(|t| t.due).min();
