@@ -125,7 +125,13 @@ fn a_list_of_hosts_falls_back_to_the_reachable_one() {
         .unwrap();
     let good = broker_params();
     let port = good.port();
-    let conn = BlockingConnection::new(vec![dead, good]).unwrap();
+    let hosts = vec![dead, good];
+    // A borrowed list works too (and leaves the list to the caller).
+    let conn = BlockingConnection::new(&hosts).unwrap();
+    assert_eq!(conn.params().port(), port);
+    assert_eq!(conn.peer_address().map(|a| a.port()), Some(port));
+    drop(conn);
+    let conn = BlockingConnection::new(hosts).unwrap();
     assert_eq!(conn.params().port(), port);
     // Only the dead one: the error names it.
     let mut dead = broker_params();
@@ -1028,5 +1034,76 @@ fn a_publish_leaves_without_another_call_after_quiet_and_after_busy_spells() {
     observed_depth(&other, &q, 5_002);
     ch.queue_delete(&q, QueueDeleteOptions::default()).unwrap();
     observer.close(200, "done").unwrap();
+    conn.close(200, "done").unwrap();
+}
+
+#[test]
+fn process_data_events_without_a_limit_inside_a_callback_waits_for_the_next_frame() {
+    let mut params = broker_params();
+    params.set_heartbeat(1);
+    let conn = BlockingConnection::new(params).unwrap();
+    let ch = conn.channel(None).unwrap();
+    let q = temp_queue(&ch);
+    for body in ["first", "second"] {
+        ch.basic_publish("", &q, body, &BasicProperties::default(), false)
+            .unwrap();
+    }
+    let turns = Arc::new(Mutex::new(None));
+    let t = turns.clone();
+    let auto = BasicConsumeOptions {
+        auto_ack: true,
+        ..Default::default()
+    };
+    ch.basic_consume(
+        &q,
+        move |ch, _| {
+            if t.lock().unwrap().is_some() {
+                return ch.stop_consuming(None).unwrap();
+            }
+            // The second delivery is queued behind this callback: each
+            // call must still wait for I/O (a heartbeat at the latest)
+            // rather than return at once.
+            let started = Instant::now();
+            let mut n = 0u32;
+            while started.elapsed() < Duration::from_millis(2_500) {
+                ch.connection().process_data_events(None).unwrap();
+                n += 1;
+            }
+            *t.lock().unwrap() = Some(n);
+        },
+        auto,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while depth(&ch, &q) != 0 {
+        assert!(Instant::now() < deadline);
+    }
+    ch.start_consuming().unwrap();
+    let n = turns.lock().unwrap().unwrap();
+    // Heartbeats every ~0.5 s from the broker: a handful of turns, not a
+    // spin.
+    assert!((1..100).contains(&n), "{n} turns in 2.5 s");
+    assert!(conn.is_open());
+    conn.close(200, "done").unwrap();
+}
+
+#[test]
+fn dropping_a_channel_closes_it_and_frees_its_number() {
+    let conn = connect();
+    let ch = conn.channel(None).unwrap();
+    let number = ch.channel_number();
+    let q = temp_queue(&ch);
+    let by_number = conn.channel_by_number(number).unwrap();
+    drop(by_number);
+    assert!(
+        ch.is_open(),
+        "a handle from channel_by_number does not own it"
+    );
+    drop(ch);
+    assert!(conn.channel_by_number(number).is_err(), "closed on drop");
+    // The number is free again, and the exclusive queue survives (it is
+    // the connection's).
+    let again = conn.channel(Some(number)).unwrap();
+    assert_eq!(depth(&again, &q), 0);
     conn.close(200, "done").unwrap();
 }

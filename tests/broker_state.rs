@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{broker_params, rabbitmqctl, run_loop};
-use pika::{BasicProperties, ConnectionParameters, Error, SelectConnection};
+use pika::{BasicProperties, BlockingConnection, ConnectionParameters, Error, SelectConnection};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -282,4 +282,79 @@ fn stop_app_closes_with_320_connecting_while_stopped_fails_and_start_app_recover
     });
     run_loop(conn3.ioloop(), Duration::from_secs(30));
     assert_eq!(*log3.events.borrow(), ["open"]);
+}
+
+// ----------------------------------------------------------------------
+// The blocking face
+// ----------------------------------------------------------------------
+
+#[test]
+fn blocking_blocked_and_unblocked_callbacks_run_inside_process_data_events() {
+    let _serial = serial();
+    let alarm = MemoryAlarm::set();
+    let conn = BlockingConnection::new(broker_params()).unwrap();
+    let seen = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+    let s = seen.clone();
+    conn.add_on_connection_blocked_callback(move |_, blocked| {
+        s.lock()
+            .unwrap()
+            .push(format!("blocked: {}", blocked.reason))
+    });
+    let s = seen.clone();
+    conn.add_on_connection_unblocked_callback(move |_, _| {
+        s.lock().unwrap().push("unblocked".into())
+    });
+    let ch = conn.channel(None).unwrap();
+    ch.basic_publish("", "nowhere", "x", &BasicProperties::default(), false)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while seen.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "never blocked");
+        conn.process_data_events(Some(Duration::from_millis(50)))
+            .unwrap();
+    }
+    drop(alarm);
+    while seen.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "never unblocked");
+        conn.process_data_events(Some(Duration::from_millis(50)))
+            .unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen[0].starts_with("blocked: ") && seen[0].contains("memory"),
+        "{seen:?}"
+    );
+    assert_eq!(seen[1], "unblocked");
+    conn.close(200, "done").unwrap();
+}
+
+#[test]
+fn blocking_blocked_connection_timeout_is_the_error_of_the_call_in_progress() {
+    let _serial = serial();
+    let _alarm = MemoryAlarm::set();
+    let mut params = broker_params();
+    params
+        .set_blocked_connection_timeout(Duration::from_secs(2))
+        .unwrap();
+    let conn = BlockingConnection::new(params).unwrap();
+    let ch = conn.channel(None).unwrap();
+    let published_at = Instant::now();
+    ch.basic_publish("", "nowhere", "x", &BasicProperties::default(), false)
+        .unwrap();
+    // The blocked broker reads nothing more: the declare waits until the
+    // timeout ends the connection.
+    let declared = ch.queue_declare("", Default::default(), Default::default());
+    let waited = published_at.elapsed();
+    assert!(
+        matches!(declared, Err(Error::ConnectionBlockedTimeout { timeout }) if timeout == Duration::from_secs(2)),
+        "{declared:?}"
+    );
+    assert!(waited >= Duration::from_millis(1900), "{waited:?}");
+    assert!(waited < Duration::from_secs(6), "{waited:?}");
+    assert!(conn.is_closed());
+    // Every later call says the same.
+    assert!(matches!(
+        conn.process_data_events(Some(Duration::ZERO)),
+        Err(Error::ConnectionBlockedTimeout { .. })
+    ));
 }

@@ -52,6 +52,12 @@ impl<T: Into<ConnectionParameters> + Clone> IntoParameterSets for &[T] {
     }
 }
 
+impl<T: Into<ConnectionParameters> + Clone> IntoParameterSets for &Vec<T> {
+    fn into_parameter_sets(self) -> Vec<ConnectionParameters> {
+        self.as_slice().into_parameter_sets()
+    }
+}
+
 impl<T: Into<ConnectionParameters>, const N: usize> IntoParameterSets for [T; N] {
     fn into_parameter_sets(self) -> Vec<ConnectionParameters> {
         self.into_iter().map(Into::into).collect()
@@ -243,6 +249,12 @@ impl BlockingConnection {
         self.engine.lock().local_addr()
     }
 
+    /// The address of the broker connected to (with a list of hosts, the
+    /// one that answered), while the socket is open.
+    pub fn peer_address(&self) -> Option<SocketAddr> {
+        self.engine.lock().peer_addr()
+    }
+
     /// Opens a channel (the lowest free number when `channel_number` is
     /// `None`) and returns it once open.
     ///
@@ -322,7 +334,8 @@ impl BlockingConnection {
     /// cancels and returns. With `None` it waits until there is something
     /// to dispatch; with a limit it waits at most that long (zero: look
     /// once, without waiting). Called from inside a callback it processes
-    /// I/O but dispatches nothing (as pika).
+    /// I/O but dispatches nothing (as pika): for the whole time limit, or
+    /// with `None` until the next frame arrives (a heartbeat at the latest).
     ///
     /// # Errors
     /// The connection's end.
@@ -332,7 +345,7 @@ impl BlockingConnection {
         let inside_callback = self.engine.lock().dispatching;
         if !inside_callback && self.has_dispatch() {
             self.dispatch_all();
-            return Ok(());
+            return self.ended();
         }
         let engine = self.engine.clone();
         let jobs_pending = move || {
@@ -352,6 +365,15 @@ impl BlockingConnection {
             // to dispatch" returned at once here, and `sleep` spun without
             // touching the socket.)
             self.engine.wait(limit, |_| None::<()>)?;
+        } else if inside_callback {
+            // Without a limit: until the next frame arrives (a heartbeat at
+            // the latest), not until something is dispatchable (nothing
+            // is, in here: a loop of these would spin without I/O), and
+            // not forever (as pika, whose wait inside a callback has no
+            // end but the connection's).
+            let before = self.engine.lock().frames_in;
+            self.engine
+                .wait(None, |st| (st.frames_in != before).then_some(()))?;
         } else {
             loop {
                 let next_timer = self.engine.lock().timers.iter().map(|t| t.due).min();
@@ -370,7 +392,16 @@ impl BlockingConnection {
         if !inside_callback {
             self.dispatch_all();
         }
-        Ok(())
+        self.ended()
+    }
+
+    /// The connection's end, if it ended (after what it left to dispatch
+    /// was dispatched).
+    fn ended(&self) -> Result<(), Error> {
+        match &self.engine.lock().terminal {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
     }
 
     /// Waits `duration` while processing I/O and dispatching callbacks

@@ -198,6 +198,8 @@ pub(super) struct State {
     pub(super) on_unblocked: Vec<OnUnblocked>,
     /// A callback is running (`start_consuming` is refused inside one).
     pub(super) dispatching: bool,
+    /// Frames handed to the core so far (so a wait can end at the next).
+    pub(super) frames_in: u64,
     /// When the oldest byte not yet written was queued.
     unflushed_since: Option<Instant>,
     /// The flusher sleeps until a command wakes it.
@@ -210,6 +212,11 @@ impl State {
     /// The local address of the socket, while it is open.
     pub(super) fn local_addr(&self) -> Option<std::net::SocketAddr> {
         self.stream.as_ref().and_then(Stream::local_addr)
+    }
+
+    /// The broker's address, while the socket is open.
+    pub(super) fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.as_ref().map(Stream::peer)
     }
 
     /// The face of channel `key`, when it is this key's.
@@ -290,6 +297,7 @@ impl Engine {
                 on_blocked: Vec::new(),
                 on_unblocked: Vec::new(),
                 dispatching: false,
+                frames_in: 0,
                 unflushed_since: None,
                 flusher_idle: true,
                 high_water: 16 * 1024 * 1024,
@@ -506,6 +514,7 @@ impl Engine {
                 .core
                 .handle_input(&st.inbound[st.inbound_start..st.inbound_end], now);
             st.inbound_start += used;
+            st.frames_in += u64::from(used > 0);
             if st.inbound_start == st.inbound_end {
                 st.inbound_start = 0;
                 st.inbound_end = 0;
