@@ -16,6 +16,8 @@
 //!   and FS during `basic_get`): the channel ends, the connection goes on.
 //! - Malformed frames during a call: bad frame-end, unknown frame type, a
 //!   body with no header.
+//! - A panicking consumer or return callback: the panic propagates out of
+//!   the call that dispatched it, and the engine is not wedged.
 //! - A broker that stops reading while the application publishes in a loop
 //!   (PX stalled): publishing blocks at the outbound high-water mark and
 //!   ends with the heartbeat timeout; memory stays bounded.
@@ -26,6 +28,7 @@
 
 mod common;
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -986,6 +989,127 @@ fn a_body_without_a_header_during_start_consuming_is_an_unexpected_frame_naming_
         assert_every_later_call_fails(&conn, &ch, |e| matches!(e, Error::UnexpectedFrame { .. }));
     });
     assert_closed_with(&fake.finish(), 505);
+}
+
+// ----------------------------------------------------------------------
+// A panicking callback
+// ----------------------------------------------------------------------
+
+/// The text of a panic's payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".into())
+}
+
+#[test]
+fn a_consumer_callback_that_panics_propagates_out_of_start_consuming_and_the_consumer_lives_on() {
+    bounded("start_consuming with a panicking callback", LIMIT, || {
+        let conn = BlockingConnection::new(broker_params()).unwrap();
+        let ch = conn.channel(None).unwrap();
+        let q = ch
+            .queue_declare("", exclusive(), FieldTable::new())
+            .unwrap()
+            .queue;
+        let props = BasicProperties::default();
+        for body in ["boom", "one", "two"] {
+            ch.basic_publish("", &q, body, &props, false).unwrap();
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        ch.basic_consume(
+            &q,
+            move |ch, d| {
+                let body = String::from_utf8(d.body).unwrap();
+                if body == "boom" {
+                    panic!("the consumer callback fails on {body}");
+                }
+                ch.basic_ack(d.method.delivery_tag, false).unwrap();
+                let mut seen = s.lock().unwrap();
+                seen.push(body);
+                if seen.len() == 2 {
+                    ch.stop_consuming(None).unwrap();
+                }
+            },
+            BasicConsumeOptions::default(),
+        )
+        .unwrap();
+        // A panic in the application's own closure is the application's:
+        // it propagates out of the call that ran it.
+        let payload = catch_unwind(AssertUnwindSafe(|| ch.start_consuming()))
+            .expect_err("the callback's panic propagates out of start_consuming");
+        assert_eq!(panic_text(&*payload), "the consumer callback fails on boom");
+        // Nothing is wedged: the connection, the channel and the consumer
+        // go on, and the messages queued behind the panic reach the
+        // callback.
+        assert!(conn.is_open() && ch.is_open());
+        assert_eq!(ch.consumer_tags().len(), 1, "the consumer is still there");
+        ch.start_consuming()
+            .expect("start_consuming goes on after the panic");
+        assert_eq!(*seen.lock().unwrap(), ["one", "two"]);
+        // The message the panicking callback held was never acked: it is
+        // not lost, the channel's close puts it back in the queue.
+        ch.close(200, "done").unwrap();
+        let after = conn.channel(None).unwrap();
+        let back = after
+            .basic_get(&q, true)
+            .unwrap()
+            .expect("the message is back");
+        assert_eq!(back.body, b"boom");
+        assert!(back.method.redelivered);
+        conn.close(200, "done").unwrap();
+    });
+}
+
+#[test]
+fn a_return_callback_that_panics_propagates_and_the_next_return_still_reaches_it() {
+    bounded(
+        "process_data_events with a panicking return callback",
+        LIMIT,
+        || {
+            let conn = BlockingConnection::new(broker_params()).unwrap();
+            let ch = conn.channel(None).unwrap();
+            let returned = Arc::new(Mutex::new(Vec::new()));
+            let r = returned.clone();
+            ch.add_on_return_callback(move |_, m| {
+                let body = String::from_utf8(m.body.clone()).unwrap();
+                if body == "boom" {
+                    panic!("the return callback fails on {body}");
+                }
+                r.lock().unwrap().push(body);
+            });
+            let props = BasicProperties::default();
+            let nowhere = unique("unroutable");
+            for body in ["boom", "next"] {
+                ch.basic_publish("", &nowhere, body, &props, true).unwrap();
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let payload = loop {
+                assert!(Instant::now() < deadline, "the return never came");
+                let run = catch_unwind(AssertUnwindSafe(|| {
+                    conn.process_data_events(Some(Duration::from_millis(50)))
+                }));
+                match run {
+                    Ok(result) => result.unwrap(),
+                    Err(payload) => break payload,
+                }
+            };
+            assert_eq!(panic_text(&*payload), "the return callback fails on boom");
+            while returned.lock().unwrap().is_empty() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the return after the panic never reached the callback"
+                );
+                conn.process_data_events(Some(Duration::from_millis(50)))
+                    .unwrap();
+            }
+            assert_eq!(*returned.lock().unwrap(), ["next"]);
+            assert!(conn.is_open() && ch.is_open());
+            conn.close(200, "done").unwrap();
+        },
+    );
 }
 
 // ----------------------------------------------------------------------
