@@ -322,6 +322,7 @@ fn assert_every_later_call_fails(
                 .map(drop),
         ),
         ("start_consuming", ch.start_consuming()),
+        ("wait_for_confirms", ch.wait_for_confirms(0).map(drop)),
         ("channel close", ch.close(200, "late")),
     ];
     for (call, result) in results {
@@ -617,7 +618,13 @@ fn a_reset_under_a_window_of_publishes_reports_the_unconfirmed_ones_as_failed() 
         assert!(confirms.nacked.is_empty(), "{confirms:?}");
         assert_eq!(confirms.failed, [3, 4, 5]);
         assert!(confirms.returned.is_empty());
-        // The next call says why.
+        // The next call says why: with nothing left to collect, the next
+        // wait_for_confirms too.
+        let again = ch.wait_for_confirms(0);
+        assert!(
+            matches!(&again, Err(e) if is_reset(e)),
+            "the next wait_for_confirms reports the reset: {again:?}"
+        );
         let next = ch.basic_publish_nowait("", "q", "late", &props, false);
         assert!(
             matches!(&next, Err(e) if is_reset(e)),
@@ -626,6 +633,39 @@ fn a_reset_under_a_window_of_publishes_reports_the_unconfirmed_ones_as_failed() 
         assert_every_later_call_fails(&conn, &ch, is_reset);
     });
     fake.finish();
+}
+
+#[test]
+fn a_real_broker_404_under_a_window_of_publishes_reports_them_failed_then_the_brokers_words() {
+    bounded("wait_for_confirms", LIMIT, || {
+        let conn = BlockingConnection::new(broker_params()).unwrap();
+        let ch = conn.channel(None).unwrap();
+        ch.confirm_delivery().unwrap();
+        let missing = unique("missing-exchange");
+        let props = BasicProperties::default();
+        // RabbitMQ closes the channel (404) for a publish to an exchange
+        // that does not exist; the publish is never confirmed.
+        let tag = ch
+            .basic_publish_nowait(&missing, "q", "lost", &props, false)
+            .unwrap();
+        let confirms = ch.wait_for_confirms(0).expect("the window is collected");
+        assert_eq!(confirms.failed, [tag], "{confirms:?}");
+        assert!(confirms.acked.is_empty() && confirms.nacked.is_empty());
+        // The next call says why, in the broker's words; then wrong state.
+        match ch.wait_for_confirms(0) {
+            Err(Error::ChannelClosedByBroker {
+                reply_code: 404,
+                reply_text,
+            }) => assert!(reply_text.contains(&missing), "{reply_text}"),
+            other => panic!("expected ChannelClosedByBroker(404), got {other:?}"),
+        }
+        assert!(matches!(
+            ch.wait_for_confirms(0),
+            Err(Error::ChannelWrongState { .. })
+        ));
+        assert!(conn.is_open());
+        conn.close(200, "done").unwrap();
+    });
 }
 
 // ----------------------------------------------------------------------
@@ -843,6 +883,10 @@ fn a_channel_close_while_basic_get_waits_is_the_calls_error_and_the_connection_g
         assert!(ch.is_closed());
         assert!(matches!(
             ch.basic_get("gone", false),
+            Err(Error::ChannelWrongState { .. })
+        ));
+        assert!(matches!(
+            ch.wait_for_confirms(0),
             Err(Error::ChannelWrongState { .. })
         ));
         assert!(conn.is_open());
