@@ -901,6 +901,88 @@ fn a_channel_close_while_basic_get_waits_is_the_calls_error_and_the_connection_g
     fake.finish();
 }
 
+/// Processes I/O on `conn` until `ch` is closed (the broker's
+/// Channel.Close received and answered), failing after a liveness bound.
+fn until_closed(conn: &BlockingConnection, ch: &BlockingChannel) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ch.is_closed() {
+        assert!(
+            Instant::now() < deadline,
+            "the broker's Channel.Close did not arrive"
+        );
+        conn.process_data_events(Some(Duration::from_millis(20)))
+            .unwrap();
+    }
+}
+
+#[test]
+fn wait_for_confirms_on_a_closed_channel_whose_number_was_reused_fails_at_once() {
+    bounded("wait_for_confirms on the old handle", LIMIT, || {
+        let conn = BlockingConnection::new(broker_params()).unwrap();
+        let old = conn.channel(None).unwrap();
+        old.confirm_delivery().unwrap();
+        // A publish to a missing exchange: the broker closes the channel
+        // (404), and the publish is never confirmed.
+        old.basic_publish_nowait(
+            &unique("missing-exchange"),
+            "q",
+            "lost",
+            &BasicProperties::default(),
+            false,
+        )
+        .unwrap();
+        until_closed(&conn, &old);
+        let new = conn.channel(None).unwrap();
+        assert_eq!(
+            new.channel_number(),
+            old.channel_number(),
+            "the closed channel's number is reused"
+        );
+        let result = old.wait_for_confirms(0);
+        assert!(
+            matches!(result, Err(Error::ChannelWrongState { .. })),
+            "{result:?}"
+        );
+        // The new channel is unaffected.
+        new.queue_declare("", exclusive(), FieldTable::new())
+            .unwrap();
+        conn.close(200, "done").unwrap();
+    });
+}
+
+#[test]
+fn the_consume_iterator_of_a_closed_channel_whose_number_was_reused_ends_at_once() {
+    bounded("consume() on the old handle", LIMIT, || {
+        let conn = BlockingConnection::new(broker_params()).unwrap();
+        let old = conn.channel(None).unwrap();
+        let q = old
+            .queue_declare("", exclusive(), FieldTable::new())
+            .unwrap()
+            .queue;
+        let mut messages = old
+            .consume(&q, false, false, FieldTable::new(), None)
+            .unwrap();
+        // An ack of a delivery tag never delivered: the broker closes the
+        // channel (406).
+        old.basic_ack(999, false).unwrap();
+        until_closed(&conn, &old);
+        let new = conn.channel(None).unwrap();
+        assert_eq!(new.channel_number(), old.channel_number());
+        match messages.next() {
+            Some(Err(Error::ChannelWrongState { .. })) => {}
+            other => panic!("expected the channel's end, got {other:?}"),
+        }
+        assert!(messages.next().is_none());
+        assert!(matches!(
+            old.start_consuming(),
+            Err(Error::ChannelWrongState { .. })
+        ));
+        new.queue_declare("", exclusive(), FieldTable::new())
+            .unwrap();
+        conn.close(200, "done").unwrap();
+    });
+}
+
 // ----------------------------------------------------------------------
 // Malformed frames while a call waits
 // ----------------------------------------------------------------------

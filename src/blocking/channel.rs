@@ -499,7 +499,11 @@ impl BlockingChannel {
         let (outcome, returned) = self
             .engine
             .wait(None, |st| {
-                let face = st.face(key)?;
+                let Some(face) = st.face(key) else {
+                    // Closed, and its number taken by a new channel: the
+                    // outcome went with it.
+                    return Some((Outcome::Failed, Vec::new()));
+                };
                 let outcome = face.outcomes.remove(&tag)?;
                 face.unconfirmed -= 1;
                 Some((outcome, std::mem::take(&mut face.returned)))
@@ -586,7 +590,13 @@ impl BlockingChannel {
         self.engine.notify();
         let confirms = self.engine.wait(None, |st| {
             let terminal = st.terminal.is_some();
-            let face = st.face(key)?;
+            let Some(face) = st.face(key) else {
+                // Closed, and its number taken by a new channel.
+                return Some(
+                    self.usable(st, "wait_for_confirms")
+                        .map(|()| Confirms::default()),
+                );
+            };
             let ended = terminal || face.closed.is_some();
             if !ended || !face.outcomes.is_empty() || !face.returned.is_empty() {
                 let pending = face.unconfirmed - face.outcomes.len();
@@ -842,7 +852,13 @@ impl BlockingChannel {
                     return Err(e.clone());
                 }
                 let Some(face) = st.face(self.key) else {
-                    return Ok(());
+                    // Closed, and its number taken by a new channel.
+                    return Err(Error::ChannelWrongState {
+                        detail: format!(
+                            "channel {} is Closed, cannot start_consuming",
+                            self.key.number
+                        ),
+                    });
                 };
                 if let Some(e) = &face.closed {
                     return Err(e.clone());
