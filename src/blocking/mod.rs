@@ -28,7 +28,7 @@
 //! [`BlockingConnection::sleep`] and [`BlockingChannel::start_consuming`]),
 //! as in pika: what arrives during any other call is queued and dispatched
 //! later, in order. Inside a callback every method works, except
-//! `start_consuming` ([`Error::ReentrancyError`]).
+//! `start_consuming` ([`Error::ReentrancyError`](crate::Error::ReentrancyError)).
 //!
 //! A callback that panics panics the call that dispatched it
 //! (`process_data_events`, `sleep`, `start_consuming`): the panic
