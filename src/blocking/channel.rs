@@ -499,7 +499,11 @@ impl BlockingChannel {
         let (outcome, returned) = self
             .engine
             .wait(None, |st| {
-                let face = st.face(key)?;
+                let Some(face) = st.face(key) else {
+                    // Closed, and its number taken by a new channel: the
+                    // outcome went with it.
+                    return Some((Outcome::Failed, Vec::new()));
+                };
                 let outcome = face.outcomes.remove(&tag)?;
                 face.unconfirmed -= 1;
                 Some((outcome, std::mem::take(&mut face.returned)))
@@ -537,7 +541,7 @@ impl BlockingChannel {
     ///     channel.basic_publish_nowait("", "jobs", i.to_string(), &Default::default(), false)?;
     ///     // At most 1 000 unconfirmed at a time.
     ///     let confirms = channel.wait_for_confirms(1_000)?;
-    ///     assert!(confirms.nacked.is_empty());
+    ///     assert!(confirms.nacked.is_empty() && confirms.failed.is_empty());
     /// }
     /// let last = channel.wait_for_confirms(0)?;
     /// # let _ = last; Ok(()) }
@@ -573,16 +577,37 @@ impl BlockingChannel {
     /// (the channel ended before the broker answered), and the messages
     /// the broker returned meanwhile.
     ///
+    /// When the channel or the connection ends, the publishes still
+    /// unconfirmed come back in [`Confirms::failed`] — an `Ok`, so check
+    /// it — and from then on, with nothing left to collect, every call
+    /// returns the error that ended it.
+    ///
     /// # Errors
-    /// The connection's end.
+    /// The channel's or the connection's end, once nothing is left to
+    /// collect (see [`BlockingChannel`]).
     pub fn wait_for_confirms(&self, max_outstanding: usize) -> Result<Confirms, Error> {
         let key = self.key;
         let confirms = self.engine.wait(None, |st| {
-            let face = st.face(key)?;
-            let pending = face.unconfirmed - face.outcomes.len();
-            (pending <= max_outstanding || face.closed.is_some()).then(|| collect(face))
+            let terminal = st.terminal.is_some();
+            let Some(face) = st.face(key) else {
+                // Closed, and its number taken by a new channel.
+                return Some(
+                    self.usable(st, "wait_for_confirms")
+                        .map(|()| Confirms::default()),
+                );
+            };
+            let ended = terminal || face.closed.is_some();
+            if !ended || !face.outcomes.is_empty() || !face.returned.is_empty() {
+                let pending = face.unconfirmed - face.outcomes.len();
+                return (pending <= max_outstanding || ended).then(|| Ok(collect(face)));
+            }
+            // Nothing left to report but the end itself.
+            Some(
+                self.usable(st, "wait_for_confirms")
+                    .map(|()| Confirms::default()),
+            )
         })?;
-        Ok(confirms.unwrap_or_default())
+        confirms.unwrap_or_else(|| Ok(Confirms::default()))
     }
 
     fn publish(
@@ -826,7 +851,13 @@ impl BlockingChannel {
                     return Err(e.clone());
                 }
                 let Some(face) = st.face(self.key) else {
-                    return Ok(());
+                    // Closed, and its number taken by a new channel.
+                    return Err(Error::ChannelWrongState {
+                        detail: format!(
+                            "channel {} is Closed, cannot start_consuming",
+                            self.key.number
+                        ),
+                    });
                 };
                 if let Some(e) = &face.closed {
                     return Err(e.clone());

@@ -543,7 +543,7 @@ impl BlockingConnection {
                     .map(|i| st.timers.remove(i))
             };
             if let Some(timer) = timer {
-                self.run_guarded(|| (timer.callback)(self));
+                resume(self.run_guarded(|| (timer.callback)(self)));
                 continue;
             }
             let job: Option<ConnCallback> = self
@@ -554,7 +554,7 @@ impl BlockingConnection {
                 .callbacks
                 .pop_front();
             if let Some(job) = job {
-                self.run_guarded(|| job(self));
+                resume(self.run_guarded(|| job(self)));
                 continue;
             }
             let item = self.engine.lock().dispatch.pop_front();
@@ -565,8 +565,11 @@ impl BlockingConnection {
         }
     }
 
-    /// Runs a callback with the "inside a callback" flag set.
-    fn run_guarded(&self, f: impl FnOnce()) {
+    /// Runs a callback with the "inside a callback" flag set. A panic in
+    /// it is caught and returned, so that the caller can put the callbacks
+    /// it took out back in place before passing the panic on with
+    /// [`resume`].
+    fn run_guarded(&self, f: impl FnOnce()) -> std::thread::Result<()> {
         struct Reset<'a>(&'a Engine, bool);
         impl Drop for Reset<'_> {
             fn drop(&mut self) {
@@ -575,7 +578,10 @@ impl BlockingConnection {
         }
         let was = std::mem::replace(&mut self.engine.lock().dispatching, true);
         let _reset = Reset(&self.engine, was);
-        f();
+        // The closure runs no code of ours after it panics; what it
+        // borrowed (a callback taken out of the state) is put back by the
+        // caller, and the state behind the lock was never touched by it.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
     }
 
     fn dispatch_one(&self, item: Dispatch) {
@@ -597,16 +603,19 @@ impl BlockingConnection {
                 match taken {
                     Some(Ok(mut callback)) => {
                         let ch = BlockingChannel::new(self.engine.clone(), channel, false);
-                        self.run_guarded(|| callback(&ch, delivery));
-                        let mut st = self.engine.lock();
-                        if let Some(c) = st
-                            .face(channel)
-                            .and_then(|f| f.consumers.iter_mut().find(|c| c.id == consumer))
+                        let ran = self.run_guarded(|| callback(&ch, delivery));
                         {
-                            if c.callback.is_none() {
-                                c.callback = Some(callback);
+                            let mut st = self.engine.lock();
+                            if let Some(c) = st
+                                .face(channel)
+                                .and_then(|f| f.consumers.iter_mut().find(|c| c.id == consumer))
+                            {
+                                if c.callback.is_none() {
+                                    c.callback = Some(callback);
+                                }
                             }
                         }
+                        resume(ran);
                     }
                     // The consumer was cancelled after this arrived.
                     Some(Err(no_ack)) => BlockingChannel::new(self.engine.clone(), channel, false)
@@ -632,7 +641,7 @@ impl BlockingConnection {
                         message.method.reply_text
                     );
                 }
-                self.run_guarded(|| {
+                let ran = self.run_guarded(|| {
                     for cb in callbacks.iter_mut() {
                         cb(&ch, &message);
                     }
@@ -641,6 +650,7 @@ impl BlockingConnection {
                     callbacks.append(&mut f.on_return);
                     f.on_return = callbacks;
                 }
+                resume(ran);
             }
             Dispatch::Cancelled { channel, cancel } => {
                 let ch = BlockingChannel::new(self.engine.clone(), channel, false);
@@ -650,7 +660,7 @@ impl BlockingConnection {
                     .face(channel)
                     .map(|f| std::mem::take(&mut f.on_cancel))
                     .unwrap_or_default();
-                self.run_guarded(|| {
+                let ran = self.run_guarded(|| {
                     for cb in callbacks.iter_mut() {
                         cb(&ch, &cancel);
                     }
@@ -663,30 +673,45 @@ impl BlockingConnection {
                     f.consumers
                         .retain(|c| !(c.ended && c.tag == cancel.consumer_tag));
                 }
+                resume(ran);
             }
             Dispatch::Blocked(blocked) => {
                 let mut callbacks = std::mem::take(&mut self.engine.lock().on_blocked);
-                self.run_guarded(|| {
+                let ran = self.run_guarded(|| {
                     for cb in callbacks.iter_mut() {
                         cb(self, &blocked);
                     }
                 });
-                let mut st = self.engine.lock();
-                callbacks.append(&mut st.on_blocked);
-                st.on_blocked = callbacks;
+                {
+                    let mut st = self.engine.lock();
+                    callbacks.append(&mut st.on_blocked);
+                    st.on_blocked = callbacks;
+                }
+                resume(ran);
             }
             Dispatch::Unblocked(unblocked) => {
                 let mut callbacks = std::mem::take(&mut self.engine.lock().on_unblocked);
-                self.run_guarded(|| {
+                let ran = self.run_guarded(|| {
                     for cb in callbacks.iter_mut() {
                         cb(self, &unblocked);
                     }
                 });
-                let mut st = self.engine.lock();
-                callbacks.append(&mut st.on_unblocked);
-                st.on_unblocked = callbacks;
+                {
+                    let mut st = self.engine.lock();
+                    callbacks.append(&mut st.on_unblocked);
+                    st.on_unblocked = callbacks;
+                }
+                resume(ran);
             }
         }
+    }
+}
+
+/// Passes on the panic of a callback [`BlockingConnection::run_guarded`]
+/// caught, once its callbacks are back in place.
+fn resume(ran: std::thread::Result<()>) {
+    if let Err(payload) = ran {
+        std::panic::resume_unwind(payload);
     }
 }
 

@@ -68,7 +68,14 @@ impl Iterator for ConsumeIter<'_> {
         }
         let next = engine.wait(deadline, |st| {
             let terminal = st.terminal.clone();
-            let face = st.face(key)?;
+            let Some(face) = st.face(key) else {
+                // Closed, and its number taken by a new channel.
+                return Some(Next::Closed(terminal.unwrap_or_else(|| {
+                    Error::ChannelWrongState {
+                        detail: format!("channel {} is Closed", key.number),
+                    }
+                })));
+            };
             let Some(g) = face.generator.as_mut() else {
                 return Some(Next::Ended);
             };

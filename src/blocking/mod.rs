@@ -28,7 +28,14 @@
 //! [`BlockingConnection::sleep`] and [`BlockingChannel::start_consuming`]),
 //! as in pika: what arrives during any other call is queued and dispatched
 //! later, in order. Inside a callback every method works, except
-//! `start_consuming` ([`Error::ReentrancyError`]).
+//! `start_consuming` ([`Error::ReentrancyError`](crate::Error::ReentrancyError)).
+//!
+//! A callback that panics panics the call that dispatched it
+//! (`process_data_events`, `sleep`, `start_consuming`): the panic
+//! propagates to the application unchanged. Nothing is left wedged: the
+//! callback stays registered, and what was queued behind it is dispatched
+//! by the next call. (A delivery the panicking consumer did not ack stays
+//! unacked, and goes back to its queue when the channel closes.)
 //!
 //! # Heartbeats
 //!
