@@ -1107,3 +1107,49 @@ fn dropping_a_channel_closes_it_and_frees_its_number() {
     assert_eq!(depth(&again, &q), 0);
     conn.close(200, "done").unwrap();
 }
+
+#[test]
+fn two_threads_consuming_on_one_connection_never_run_callbacks_at_once() {
+    const N: usize = 20;
+    let conn = connect();
+    let running = Arc::new(AtomicUsize::new(0));
+    let overlapped = Arc::new(AtomicUsize::new(0));
+    let mut threads = Vec::new();
+    for _ in 0..2 {
+        let ch = conn.channel(None).unwrap();
+        let q = temp_queue(&ch);
+        for i in 0..N as u8 {
+            ch.basic_publish("", &q, [i], &BasicProperties::default(), false)
+                .unwrap();
+        }
+        let (running, overlapped) = (running.clone(), overlapped.clone());
+        let seen = Arc::new(AtomicUsize::new(0));
+        ch.basic_consume(
+            &q,
+            move |ch, d| {
+                if running.fetch_add(1, Ordering::SeqCst) != 0 {
+                    overlapped.fetch_add(1, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+                ch.basic_ack(d.method.delivery_tag, false).unwrap();
+                if seen.fetch_add(1, Ordering::SeqCst) + 1 == N {
+                    ch.stop_consuming(None).unwrap();
+                }
+                running.fetch_sub(1, Ordering::SeqCst);
+            },
+            BasicConsumeOptions::default(),
+        )
+        .unwrap();
+        threads.push(std::thread::spawn(move || {
+            let outcome = ch.start_consuming();
+            (outcome, ch)
+        }));
+    }
+    for t in threads {
+        let (outcome, ch) = t.join().unwrap();
+        assert!(outcome.is_ok(), "not a reentrancy error: {outcome:?}");
+        ch.close(200, "done").unwrap();
+    }
+    assert_eq!(overlapped.load(Ordering::SeqCst), 0, "callbacks overlapped");
+    conn.close(200, "done").unwrap();
+}

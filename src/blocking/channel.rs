@@ -838,7 +838,7 @@ impl BlockingChannel {
     /// [`Error::ReentrancyError`] from inside a callback; the connection's
     /// end; the channel's close.
     pub fn start_consuming(&self) -> Result<(), Error> {
-        if self.engine.lock().dispatching {
+        if self.engine.lock().in_callback() {
             return Err(Error::ReentrancyError {
                 detail: "start_consuming from inside a callback".into(),
             });

@@ -336,13 +336,16 @@ impl BlockingConnection {
     /// once, without waiting). Called from inside a callback it processes
     /// I/O but dispatches nothing (as pika): for the whole time limit, or
     /// with `None` until the next frame arrives (a heartbeat at the latest).
+    /// So does it on another thread while one is dispatching: one thread at
+    /// a time runs callbacks.
     ///
     /// # Errors
     /// The connection's end.
     pub fn process_data_events(&self, time_limit: Option<Duration>) -> Result<(), Error> {
         let start = Instant::now();
         let limit = time_limit.map(|t| start + t);
-        let inside_callback = self.engine.lock().dispatching;
+        // Inside a callback, or while another thread dispatches: I/O only.
+        let inside_callback = !self.engine.lock().may_dispatch();
         if !inside_callback && self.has_dispatch() {
             self.dispatch_all();
             return self.ended();
@@ -530,6 +533,21 @@ impl BlockingConnection {
     /// Runs every due timer, queued closure and queued channel event, each
     /// with no lock held.
     pub(super) fn dispatch_all(&self) {
+        struct Release<'a>(&'a Engine);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.lock().dispatcher = None;
+            }
+        }
+        {
+            let mut st = self.engine.lock();
+            if !st.may_dispatch() {
+                return;
+            }
+            st.dispatcher = Some(std::thread::current().id());
+        }
+        // Released however this ends (a callback's panic passes through).
+        let _release = Release(&self.engine);
         loop {
             let now = Instant::now();
             let timer = {
@@ -565,19 +583,11 @@ impl BlockingConnection {
         }
     }
 
-    /// Runs a callback with the "inside a callback" flag set. A panic in
-    /// it is caught and returned, so that the caller can put the callbacks
-    /// it took out back in place before passing the panic on with
-    /// [`resume`].
+    /// Runs a callback (on the dispatching thread: see
+    /// [`BlockingConnection::dispatch_all`]). A panic in it is caught and
+    /// returned, so that the caller can put the callbacks it took out back
+    /// in place before passing the panic on with [`resume`].
     fn run_guarded(&self, f: impl FnOnce()) -> std::thread::Result<()> {
-        struct Reset<'a>(&'a Engine, bool);
-        impl Drop for Reset<'_> {
-            fn drop(&mut self) {
-                self.0.lock().dispatching = self.1;
-            }
-        }
-        let was = std::mem::replace(&mut self.engine.lock().dispatching, true);
-        let _reset = Reset(&self.engine, was);
         // The closure runs no code of ours after it panics; what it
         // borrowed (a callback taken out of the state) is put back by the
         // caller, and the state behind the lock was never touched by it.

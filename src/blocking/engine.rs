@@ -48,7 +48,7 @@ const READ_CHUNK: usize = 64 * 1024;
 /// How many reads one turn may do before the deadlines get their turn.
 const READS_PER_TURN: usize = 16;
 /// Queued bytes are written once the oldest has waited this long.
-pub(super) const FLUSH_DELAY: Duration = Duration::from_micros(200);
+pub(super) const FLUSH_DELAY: Duration = Duration::from_millis(1);
 /// The flusher's shortest period, after it had something to write.
 pub(super) const FLUSH_TICK: Duration = Duration::from_micros(500);
 /// The flusher's longest period: it doubles up to this while the
@@ -196,8 +196,10 @@ pub(super) struct State {
     pub(super) next_timer: u64,
     pub(super) on_blocked: Vec<OnBlocked>,
     pub(super) on_unblocked: Vec<OnUnblocked>,
-    /// A callback is running (`start_consuming` is refused inside one).
-    pub(super) dispatching: bool,
+    /// The thread dispatching callbacks, if one is: only one at a time
+    /// does (so one consumer's callback never runs twice at once), and on
+    /// that thread `start_consuming` is refused as reentrant.
+    pub(super) dispatcher: Option<std::thread::ThreadId>,
     /// Frames handed to the core so far (so a wait can end at the next).
     pub(super) frames_in: u64,
     /// When the oldest byte not yet written was queued.
@@ -209,6 +211,18 @@ pub(super) struct State {
 }
 
 impl State {
+    /// Whether the calling thread is the one dispatching callbacks (so is
+    /// inside one of them).
+    pub(super) fn in_callback(&self) -> bool {
+        self.dispatcher == Some(std::thread::current().id())
+    }
+
+    /// Whether this thread may dispatch now: no thread (this one included,
+    /// from inside a callback) is dispatching.
+    pub(super) fn may_dispatch(&self) -> bool {
+        self.dispatcher.is_none()
+    }
+
     /// The local address of the socket, while it is open.
     pub(super) fn local_addr(&self) -> Option<std::net::SocketAddr> {
         self.stream.as_ref().and_then(Stream::local_addr)
@@ -296,7 +310,7 @@ impl Engine {
                 next_timer: 1,
                 on_blocked: Vec::new(),
                 on_unblocked: Vec::new(),
-                dispatching: false,
+                dispatcher: None,
                 frames_in: 0,
                 unflushed_since: None,
                 flusher_idle: true,

@@ -105,6 +105,12 @@ pub use event::{ChannelKey, ConsumerId, Event, Reply, RequestId};
 /// The close handshake's bound when `socket_timeout` is unset.
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Sent bytes at the front of the outbound buffer are dropped (moving the
+/// rest) once there are this many and they are at least half of it.
+const OUTBOUND_COMPACT_AT: usize = 64 * 1024;
+/// The capacity the outbound buffer keeps once drained.
+const OUTBOUND_KEPT_CAPACITY: usize = 1 << 20;
+
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -162,6 +168,9 @@ pub struct Connection {
     /// The generation of each channel number's latest use.
     pub(crate) generations: Vec<u32>,
     pub(crate) outbound: Vec<u8>,
+    /// How much of `outbound`'s front was already sent (compacted lazily:
+    /// a partial write of a large buffer moves nothing).
+    outbound_sent: usize,
     pub(crate) events: VecDeque<Event>,
     pub(crate) next_request: u64,
     pub(crate) next_consumer: u64,
@@ -195,6 +204,7 @@ impl Connection {
             channels: Vec::new(),
             generations: Vec::new(),
             outbound: PROTOCOL_HEADER.to_vec(),
+            outbound_sent: 0,
             events: VecDeque::new(),
             next_consumer: 1,
             consumer_tags_issued: 0,
@@ -339,24 +349,34 @@ impl Connection {
 
     /// The bytes waiting to be sent.
     pub fn outbound(&self) -> &[u8] {
-        &self.outbound
+        &self.outbound[self.outbound_sent..]
     }
 
     /// Whether bytes wait to be sent.
     pub fn wants_write(&self) -> bool {
-        !self.outbound.is_empty()
+        self.outbound.len() > self.outbound_sent
     }
 
     /// `n` bytes of [`Connection::outbound`] were sent at `now`.
     pub fn advance_outbound(&mut self, n: usize, now: Instant) {
-        let n = n.min(self.outbound.len());
+        let n = n.min(self.outbound.len() - self.outbound_sent);
         if n == 0 {
             return;
         }
-        if n == self.outbound.len() {
+        self.outbound_sent += n;
+        if self.outbound_sent == self.outbound.len() {
             self.outbound.clear();
-        } else {
-            self.outbound.drain(..n);
+            self.outbound_sent = 0;
+            // A buffer grown by a burst is not kept at its peak.
+            if self.outbound.capacity() > OUTBOUND_KEPT_CAPACITY {
+                self.outbound.shrink_to(OUTBOUND_KEPT_CAPACITY);
+            }
+        } else if self.outbound_sent >= OUTBOUND_COMPACT_AT
+            && self.outbound_sent * 2 >= self.outbound.len()
+        {
+            // Moves at most as much as was sent since the last compaction.
+            self.outbound.drain(..self.outbound_sent);
+            self.outbound_sent = 0;
         }
         self.last_sent = now;
     }

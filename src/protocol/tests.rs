@@ -1539,3 +1539,40 @@ fn deliveries_awaiting_an_ack_are_counted_until_acked_nacked_or_rejected() {
     p.core.ack(key, 0, true, None).unwrap();
     assert_eq!(p.core.unsettled_deliveries(key), 0);
 }
+
+#[test]
+fn partial_writes_of_a_large_buffer_send_every_byte_once_in_order() {
+    let mut p = Pair::open();
+    let key = p.channel();
+    let props = BasicProperties::default();
+    let mut expected = Vec::new();
+    let mut written = Vec::new();
+    // Interleave queuing and partial writes of odd sizes, so that the
+    // buffer is compacted with unsent bytes behind and new ones appended.
+    let mut step = 1usize;
+    for round in 0..40u32 {
+        for i in 0..200u32 {
+            let body = (round * 1000 + i).to_be_bytes();
+            let before = p.core.outbound().len();
+            p.core.publish(key, "", "q", false, &props, &body).unwrap();
+            expected.extend_from_slice(&p.core.outbound()[before..]);
+        }
+        for _ in 0..3 {
+            step = (step * 7919 + 13) % 40_000 + 1;
+            let n = step.min(p.core.outbound().len());
+            written.extend_from_slice(&p.core.outbound()[..n]);
+            p.core.advance_outbound(n, p.now);
+        }
+    }
+    while p.core.wants_write() {
+        let n = p.core.outbound().len().min(12_345);
+        written.extend_from_slice(&p.core.outbound()[..n]);
+        p.core.advance_outbound(n, p.now);
+    }
+    assert_eq!(written.len(), expected.len());
+    assert!(
+        written == expected,
+        "the bytes written differ from those queued"
+    );
+    assert!(p.core.outbound().is_empty());
+}
