@@ -291,7 +291,7 @@ impl BlockingConnection {
             .engine
             .lock()
             .channels
-            .get(&number)
+            .get(number)
             .filter(|f| f.closed.is_none())
             .map(|f| f.key);
         match key {

@@ -12,20 +12,22 @@
 //! * One thread drives at a time (`driving`); another thread that has to
 //!   wait sleeps on a condition variable and re-checks after each turn, so
 //!   handles moved to other threads stay correct.
-//! * Writes are coalesced: a command (publish, ack, …) appends to the
-//!   core's buffer; the calling thread writes the buffer when it is full
-//!   ([`FLUSH_AT`]), when its oldest byte has waited [`FLUSH_DELAY`] (checked
-//!   at each command), and before every wait. For an application that goes
-//!   quiet right after a publish, a flusher thread ticks while commands
-//!   keep coming, writing what has waited [`FLUSH_DELAY`]: every
-//!   [`FLUSH_TICK`] after it wrote something, backing off to
-//!   [`FLUSH_TICK_MAX`] while the application's own calls do the writing,
-//!   and sleeping on a condition variable after [`FLUSH_IDLE_AFTER`] with
-//!   nothing queued. So a burst costs one write per [`FLUSH_DELAY`] or
-//!   [`FLUSH_AT`], the flusher costs at most a few wake-ups per millisecond
-//!   however many messages go by, a lone publish after a quiet spell
-//!   leaves within about `2 × FLUSH_DELAY`, and the last publish of a busy
-//!   spell within `FLUSH_DELAY + FLUSH_TICK_MAX`, without another call.
+//! * Writes are coalesced. A command (publish, ack, …) appends to the
+//!   core's buffer. When nothing was written for [`FLUSH_DELAY`], the
+//!   calling thread writes at once (a trickle of messages leaves one by
+//!   one, as pika's would). Within a burst it writes when the buffer is
+//!   full ([`FLUSH_AT`]) or its oldest byte has waited [`FLUSH_DELAY`]
+//!   (looked at every [`CHECK_EVERY`] commands), and before every wait. A
+//!   flusher thread covers an application that goes quiet with bytes
+//!   queued: it ticks while commands keep coming, writing what has waited
+//!   [`FLUSH_DELAY`] — every [`FLUSH_TICK`] after it wrote something,
+//!   backing off to [`FLUSH_TICK_MAX`] while the application's own calls
+//!   do the writing — and sleeps on a condition variable after
+//!   [`FLUSH_IDLE_AFTER`] with nothing queued. So a burst costs one write
+//!   per [`FLUSH_DELAY`] or [`FLUSH_AT`], the flusher a few hundred
+//!   wake-ups a second at most however many messages go by, and the last
+//!   publish of a burst leaves within `FLUSH_DELAY + FLUSH_TICK_MAX`
+//!   without another call.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -53,7 +55,10 @@ pub(super) const FLUSH_DELAY: Duration = Duration::from_millis(1);
 pub(super) const FLUSH_TICK: Duration = Duration::from_micros(500);
 /// The flusher's longest period: it doubles up to this while the
 /// application writes for itself (it keeps calling in).
-pub(super) const FLUSH_TICK_MAX: Duration = Duration::from_millis(2);
+pub(super) const FLUSH_TICK_MAX: Duration = Duration::from_millis(8);
+/// Within a burst, the age of the oldest unwritten byte is checked every
+/// this many commands (the flusher covers the rest).
+const CHECK_EVERY: u32 = 8;
 /// With nothing queued this long, the flusher sleeps until the next
 /// command wakes it.
 pub(super) const FLUSH_IDLE_AFTER: Duration = Duration::from_millis(50);
@@ -191,7 +196,7 @@ pub(super) struct State {
     pub(super) opened: bool,
     pub(super) replies: HashMap<RequestId, Result<Reply, Error>>,
     pub(super) dispatch: VecDeque<Dispatch>,
-    pub(super) channels: HashMap<u16, ChannelFace>,
+    pub(super) channels: Faces,
     pub(super) timers: Vec<Timer>,
     pub(super) next_timer: u64,
     pub(super) on_blocked: Vec<OnBlocked>,
@@ -204,6 +209,10 @@ pub(super) struct State {
     pub(super) frames_in: u64,
     /// When the oldest byte not yet written was queued.
     unflushed_since: Option<Instant>,
+    /// Commands since the age of `unflushed_since` was last looked at.
+    unchecked_commands: u32,
+    /// When bytes were last written.
+    last_write: Instant,
     /// The flusher sleeps until a command wakes it.
     flusher_idle: bool,
     pub(super) high_water: usize,
@@ -235,13 +244,36 @@ impl State {
 
     /// The face of channel `key`, when it is this key's.
     pub(super) fn face(&mut self, key: ChannelKey) -> Option<&mut ChannelFace> {
-        self.channels.get_mut(&key.number).filter(|f| f.key == key)
+        self.channels.get_mut(key.number).filter(|f| f.key == key)
     }
 
     /// Whether there is something for `process_data_events` to dispatch
     /// at `now`.
     pub(super) fn has_dispatch(&self, now: Instant) -> bool {
         !self.dispatch.is_empty() || self.timers.iter().any(|t| t.due <= now)
+    }
+}
+
+/// The channels' faces by channel number (a vector: looked up on every
+/// publish and ack, and numbers are small and dense).
+#[derive(Default)]
+pub(super) struct Faces(Vec<Option<ChannelFace>>);
+
+impl Faces {
+    pub(super) fn get(&self, number: u16) -> Option<&ChannelFace> {
+        self.0.get(usize::from(number))?.as_ref()
+    }
+
+    pub(super) fn get_mut(&mut self, number: u16) -> Option<&mut ChannelFace> {
+        self.0.get_mut(usize::from(number))?.as_mut()
+    }
+
+    pub(super) fn insert(&mut self, number: u16, face: ChannelFace) {
+        let i = usize::from(number);
+        if self.0.len() <= i {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i] = Some(face);
     }
 }
 
@@ -305,7 +337,7 @@ impl Engine {
                 opened: false,
                 replies: HashMap::new(),
                 dispatch: VecDeque::new(),
-                channels: HashMap::new(),
+                channels: Faces::default(),
                 timers: Vec::new(),
                 next_timer: 1,
                 on_blocked: Vec::new(),
@@ -313,6 +345,8 @@ impl Engine {
                 dispatcher: None,
                 frames_in: 0,
                 unflushed_since: None,
+                unchecked_commands: 0,
+                last_write: Instant::now(),
                 flusher_idle: true,
                 high_water: 16 * 1024 * 1024,
                 low_water: 4 * 1024 * 1024,
@@ -362,10 +396,28 @@ impl Engine {
         let writable = !st.write_interest;
         match st.unflushed_since {
             _ if queued >= FLUSH_AT && writable => self.flush_locked(&mut st),
-            Some(since) if writable && since.elapsed() >= FLUSH_DELAY => self.flush_locked(&mut st),
-            Some(_) => {}
+            Some(since) => {
+                // The clock is read every few commands only.
+                st.unchecked_commands += 1;
+                if st.unchecked_commands >= CHECK_EVERY {
+                    st.unchecked_commands = 0;
+                    if writable && since.elapsed() >= FLUSH_DELAY {
+                        self.flush_locked(&mut st);
+                    }
+                }
+            }
             None => {
-                st.unflushed_since = Some(Instant::now());
+                let now = Instant::now();
+                if writable && now.duration_since(st.last_write) >= FLUSH_DELAY {
+                    // Nothing written lately: no burst to coalesce with,
+                    // so this one goes at once (as pika's would).
+                    self.flush_locked(&mut st);
+                    if st.unflushed_since.is_none() {
+                        return Ok(());
+                    }
+                }
+                st.unflushed_since = Some(now);
+                st.unchecked_commands = 0;
                 if std::mem::replace(&mut st.flusher_idle, false) {
                     drop(st);
                     *lock(&self.flush.requested) = true;
@@ -558,7 +610,11 @@ impl Engine {
         };
         let result = match stream.write(st.core.outbound()) {
             Ok(n) => {
-                st.core.advance_outbound(n, Instant::now());
+                let now = Instant::now();
+                st.core.advance_outbound(n, now);
+                if n > 0 {
+                    st.last_write = now;
+                }
                 if st.core.outbound().is_empty() {
                     st.unflushed_since = None;
                 }

@@ -49,19 +49,20 @@
 //!
 //! # Writes
 //!
-//! [`BlockingChannel::basic_publish`] without confirms does not wait: the
-//! message goes into the connection's buffer, which is written (as far as
-//! the socket takes it, without blocking) once 64 KiB are queued or the
-//! oldest byte has waited a millisecond — by the publishing thread at its
-//! next call, or by a small flusher thread when the application goes
-//! quiet, so a lone publish leaves within about two milliseconds without
-//! another call. The call blocks only while the buffer is above its
-//! high-water mark (16 MiB, [`BlockingConnection::set_outbound_watermarks`]).
-//! Every blocking call (waiting for a reply, `process_data_events`,
-//! `close`, `Drop`) writes first. Acks and other commands go the same way.
-//! pika instead writes and waits until its buffer is empty after each
-//! publish: a write per message, which costs far more CPU than a write per
-//! burst.
+//! [`BlockingChannel::basic_publish`] without confirms does not wait for
+//! the broker. When nothing was written in the last millisecond it writes
+//! the message at once (as far as the socket takes it, without blocking);
+//! within a burst the messages are buffered and written together, once
+//! 64 KiB are queued or the oldest has waited a millisecond — by the
+//! publishing thread's next call, or, when the application goes quiet, by
+//! a small flusher thread (the last message of a burst leaves within about
+//! ten milliseconds without another call). The call blocks only while the
+//! buffer is above its high-water mark (16 MiB,
+//! [`BlockingConnection::set_outbound_watermarks`]). Every blocking call
+//! (waiting for a reply, `process_data_events`, `close`, `Drop`) writes
+//! first. Acks and other commands go the same way. pika instead writes and
+//! waits until its buffer is empty after each publish: a write per
+//! message, which costs far more CPU than a write per burst.
 
 mod channel;
 mod connection;
