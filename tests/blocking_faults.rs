@@ -1408,3 +1408,49 @@ fn a_broker_that_stops_reading_blocks_publishing_at_high_water_until_the_heartbe
         "publishing into a stalled connection held up to {grown} bytes (bound {held_bound})"
     );
 }
+
+#[test]
+fn a_publisher_at_high_water_resumes_as_soon_as_the_socket_drains_without_heartbeats() {
+    // Without heartbeats the poller has no deadline: a high-water wait that
+    // slept in it after its own write had already drained the buffer (a
+    // publisher reads nothing) never woke. The proxy's stalls make the
+    // socket fill and drain again and again; the old code hung in about
+    // three runs of four (the window is a race), this one never does.
+    const MESSAGE: usize = 64 * 1024;
+    const MESSAGES: usize = 1_600;
+    const ROUNDS: usize = 3;
+    static BODY: [u8; MESSAGE] = [0x3c; MESSAGE];
+    let proxy = Arc::new(Proxy::start(common::broker_addr()));
+    let mut params = proxied_params(&proxy);
+    params.set_heartbeat(0);
+    let conn = BlockingConnection::new(params).expect("the broker is reachable");
+    conn.set_outbound_watermarks(256 << 10, 64 << 10).unwrap();
+    let ch = conn.channel(None).unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let toggler = {
+        let (proxy, done) = (proxy.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                proxy.stall(Direction::ClientToBroker);
+                std::thread::sleep(Duration::from_millis(5));
+                proxy.resume(Direction::ClientToBroker);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let published = bounded("publishing through a stalling proxy", LIMIT, move || {
+        let props = BasicProperties::default();
+        for _ in 0..ROUNDS * MESSAGES {
+            ch.basic_publish("", "nowhere", BODY, &props, false)
+                .unwrap();
+        }
+        // A round trip: every publish reached the broker.
+        ch.basic_qos(0, 0, false).unwrap();
+        conn.close(200, "done").unwrap();
+        ROUNDS * MESSAGES
+    });
+    done.store(true, Ordering::SeqCst);
+    toggler.join().unwrap();
+    assert_eq!(published, ROUNDS * MESSAGES);
+    assert!(proxy.bytes(Direction::ClientToBroker) >= (MESSAGE * ROUNDS * MESSAGES) as u64);
+}

@@ -412,7 +412,7 @@ impl Engine {
                     // Nothing written lately: no burst to coalesce with,
                     // so this one goes at once (as pika's would).
                     self.flush_locked(&mut st);
-                    if st.unflushed_since.is_none() {
+                    if st.core.outbound().is_empty() {
                         return Ok(());
                     }
                 }
@@ -457,6 +457,15 @@ impl Engine {
                     .wait_timeout(st, bound)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
+                continue;
+            }
+            // Write first, and look again if that moved anything: what is
+            // waited for may be that very write (the high-water wait), and
+            // the poller would otherwise sleep until a read or a deadline
+            // (a publisher reads nothing: up to the heartbeat interval).
+            let queued = st.core.outbound().len();
+            self.flush_locked(&mut st);
+            if st.core.outbound().len() != queued {
                 continue;
             }
             st = self.turn_once(st, deadline);
