@@ -459,15 +459,6 @@ impl Engine {
                     .0;
                 continue;
             }
-            // Write first, and look again if that moved anything: what is
-            // waited for may be that very write (the high-water wait), and
-            // the poller would otherwise sleep until a read or a deadline
-            // (a publisher reads nothing: up to the heartbeat interval).
-            let queued = st.core.outbound().len();
-            self.flush_locked(&mut st);
-            if st.core.outbound().len() != queued {
-                continue;
-            }
             st = self.turn_once(st, deadline);
         }
     }
@@ -496,6 +487,7 @@ impl Engine {
         mut st: MutexGuard<'a, State>,
         deadline: Option<Instant>,
     ) -> MutexGuard<'a, State> {
+        let queued = st.core.outbound().len();
         self.flush_locked(&mut st);
         if st.terminal.is_some() || st.stream.is_none() {
             return st;
@@ -505,7 +497,16 @@ impl Engine {
             .into_iter()
             .flatten()
             .min();
-        let timeout = next.map(|d| d.saturating_duration_since(now));
+        // When that write moved bytes, what the caller waits for may be
+        // that very write (the high-water wait): look without sleeping, so
+        // that it checks again. Otherwise the poller, with no write
+        // interest left, would sleep until a read or a deadline — for a
+        // publisher, which reads nothing, until the heartbeat, or forever.
+        let timeout = if st.core.outbound().len() != queued {
+            Some(Duration::ZERO)
+        } else {
+            next.map(|d| d.saturating_duration_since(now))
+        };
         st.driving = true;
         drop(st);
         let readable = {
