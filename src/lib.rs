@@ -1,8 +1,35 @@
-//! A callback-driven AMQP 0-9-1 client for RabbitMQ, in the style of
-//! Python's [pika](https://pika.readthedocs.io/): a [`SelectConnection`]
-//! on its own event loop ([`IoLoop`]), whose every operation takes a
-//! completion closure, with pika's [`Channel`], parameters, credentials,
-//! exceptions ([`Error`]) and TLS ([`SslOptions`]).
+//! An AMQP 0-9-1 client for RabbitMQ in the style of Python's
+//! [pika](https://pika.readthedocs.io/) 1.1, with its two adapters as two
+//! faces on one protocol core: [`BlockingConnection`] (straight-line calls
+//! that return the broker's reply) and [`SelectConnection`] (an event loop,
+//! [`IoLoop`], and a completion closure for every operation), with pika's
+//! channels, parameters, credentials, exceptions ([`Error`]) and TLS
+//! ([`SslOptions`]).
+//!
+//! The blocking face:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use pika::{BasicProperties, BlockingConnection, FieldTable, QueueDeclareOptions, UrlParameters};
+//!
+//! let params = UrlParameters::parse("amqp://guest:guest@localhost:5672/%2F")?;
+//! let connection = BlockingConnection::new(params)?;
+//! let channel = connection.channel(None)?;
+//! channel.queue_declare("hello", QueueDeclareOptions::default(), FieldTable::new())?;
+//! channel.basic_publish("", "hello", "Hello World!", &BasicProperties::default(), false)?;
+//!
+//! // Read until a second passes with nothing (pika's consume() generator).
+//! let idle = Some(Duration::from_secs(1));
+//! for message in channel.consume("hello", true, false, FieldTable::new(), idle)? {
+//!     let Some(message) = message? else { break };
+//!     println!(" [x] Received {}", String::from_utf8_lossy(&message.body));
+//! }
+//! channel.cancel()?;
+//! connection.close(200, "Normal shutdown")?;
+//! # Ok::<(), pika::Error>(())
+//! ```
+//!
+//! The callback face:
 //!
 //! ```no_run
 //! use pika::{BasicProperties, Channel, Error, SelectConnection, UrlParameters};
@@ -28,6 +55,10 @@
 //! conn.ioloop().start().expect("the loop runs");
 //! # Ok::<(), pika::Error>(())
 //! ```
+//!
+//! Coming from Python pika: the repository's `docs/coming-from-pika.md`
+//! maps pika's idioms (keyword arguments, exceptions, `with` blocks,
+//! threads, Ctrl-C) to this crate's.
 //!
 //! # Stopping on Ctrl-C (feature `signals`)
 //!
@@ -76,6 +107,9 @@
 //!
 //! # Layers
 //!
+//! * [`blocking`] — the blocking face: [`BlockingConnection`],
+//!   [`BlockingChannel`], [`blocking::BlockingConnectionHandle`] for other
+//!   threads. It drives the protocol core from whichever thread waits.
 //! * [`select`] — the callback face: [`SelectConnection`], [`Channel`],
 //!   [`ConnectionHandle`] for other threads. It owns the user's closures
 //!   and drives the protocol core from the [`IoLoop`].
@@ -160,9 +194,12 @@ pub use channel::{
 pub use connection::{ConnectionHandle, ConnectionState, SelectConnection};
 pub use credentials::{Credentials, ExternalCredentials, PlainCredentials};
 pub use error::{CodecError, Error};
+// Inlined: `cargo doc` shows the event loop's own docs on pika's pages.
+#[doc(inline)]
 pub use ioloop::{HandlerId, Interest, IoLoop, IoLoopWaker, Readiness, TimeoutId};
 // With the `signals` feature: what `IoLoop::add_signal_handler` takes and returns.
 #[cfg(feature = "signals")]
+#[doc(inline)]
 pub use ioloop::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SignalHandlerId};
 pub use parameters::{ConnectionParameters, Heartbeat, TcpOptions, UrlParameters};
 pub use spec::{BasicProperties, DeliveryMode, PropertiesError};
@@ -173,3 +210,8 @@ pub use tls::SslOptions;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// The "Coming from pika" guide's Rust examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/coming-from-pika.md")]
+struct GuideDoctests;
