@@ -1,7 +1,6 @@
 //! [`BlockingChannel::consume`]: pika's consumer generator, as an
 //! iterator whose state lives on the channel (so calling `consume` again
-//! with the same queue resumes it, and `cancel` ends it), and [`Confirms`],
-//! what [`BlockingChannel::wait_for_confirms`] collects.
+//! with the same queue resumes it, and `cancel` ends it).
 
 use std::fmt;
 use std::time::Duration;
@@ -9,27 +8,10 @@ use std::time::Duration;
 use super::channel::BlockingChannel;
 use super::engine::Generator;
 use crate::error::Error;
-use crate::message::{Delivery, ReturnedMessage};
+use crate::message::Delivery;
 use crate::protocol::Reply;
 use crate::spec::basic;
 use crate::table::FieldTable;
-
-/// What became of messages published with
-/// [`BlockingChannel::basic_publish_nowait`], collected by
-/// [`BlockingChannel::wait_for_confirms`]. Tags ascending.
-#[derive(Debug, Clone, Default)]
-pub struct Confirms {
-    /// Delivery tags the broker acked.
-    pub acked: Vec<u64>,
-    /// Delivery tags the broker nacked.
-    pub nacked: Vec<u64>,
-    /// Delivery tags left unconfirmed when the channel ended: their fate is
-    /// unknown, and the channel is closed (the next call says why).
-    pub failed: Vec<u64>,
-    /// Mandatory messages the broker returned as unroutable meanwhile (each
-    /// is also acked).
-    pub returned: Vec<ReturnedMessage>,
-}
 
 /// The iterator of [`BlockingChannel::consume`]: each item is a message,
 /// `Ok(None)` when the inactivity timeout passed with nothing, or the

@@ -29,6 +29,26 @@
 //! as in pika: what arrives during any other call is queued and dispatched
 //! later, in order. Inside a callback every method works, except
 //! `start_consuming` ([`Error::ReentrancyError`](crate::Error::ReentrancyError)).
+//! When several threads share one connection (through
+//! [`BlockingConnection::channel_by_number`] handles), one at a time
+//! dispatches callbacks; the others process I/O meanwhile.
+//!
+//! Neither handle is `Sync`, and a [`BlockingChannel`] is not `Clone`:
+//!
+//! ```compile_fail
+//! fn shared<T: Sync>() {}
+//! shared::<pika::BlockingConnection>();
+//! ```
+//!
+//! ```compile_fail
+//! fn shared<T: Sync>() {}
+//! shared::<pika::BlockingChannel>();
+//! ```
+//!
+//! ```compile_fail
+//! fn cloned<T: Clone>() {}
+//! cloned::<pika::BlockingChannel>();
+//! ```
 //!
 //! A callback that panics panics the call that dispatched it
 //! (`process_data_events`, `sleep`, `start_consuming`): the panic
@@ -69,8 +89,10 @@ mod connection;
 mod consume;
 mod engine;
 mod handle;
+mod publish;
 
 pub use channel::BlockingChannel;
 pub use connection::{BlockingConnection, IntoParameterSets, TimerId};
-pub use consume::{Confirms, ConsumeIter};
+pub use consume::ConsumeIter;
 pub use handle::BlockingConnectionHandle;
+pub use publish::Confirms;
