@@ -1920,6 +1920,51 @@ fn unconfirmed_publishes_are_failed_before_the_close_callback_when_a_channel_err
 }
 
 #[test]
+fn acks_the_broker_sends_before_the_close_ok_of_our_channel_close_are_acks_not_failures() {
+    // Unroutable, non-mandatory publishes are acked by RabbitMQ's channel
+    // process in order, before it handles the Close that follows them: all
+    // 1000 acks arrive after our Close is out and before its CloseOk. They
+    // are reported as acks (as pika does); none is `Failed`.
+    let nowhere = unique("nowhere");
+    let confirms = Rc::new(RefCell::new(Confirms::default()));
+    let c = confirms.clone();
+    let terminal = with_channel(move |ch| {
+        let c2 = c.clone();
+        ch.confirm_delivery(
+            move |_, conf| {
+                c2.borrow_mut().record(&conf);
+            },
+            move |ch, ok| {
+                ok.unwrap();
+                for _ in 0..1000 {
+                    let tag = publish(ch, "", nowhere, b"x");
+                    c.borrow_mut().published(tag);
+                }
+                ch.close(200, "published").unwrap();
+            },
+        )
+        .unwrap();
+        ch.add_on_close_callback(|ch, reason| {
+            assert!(
+                matches!(
+                    reason,
+                    Error::ChannelClosedByClient {
+                        reply_code: 200,
+                        ..
+                    }
+                ),
+                "{reason:?}"
+            );
+            finish(ch);
+        });
+    });
+    assert_closed_by_us(&terminal);
+    let c = confirms.borrow();
+    assert_eq!(c.outcome.len(), 1000, "every tag settled");
+    assert_eq!(c.count("ack"), 1000, "failed: {}", c.count("failed"));
+}
+
+#[test]
 fn unconfirmed_publishes_are_failed_before_the_close_callback_when_the_connection_closes() {
     let (confirms, reason) = confirms_on_channel_loss(1000, finish);
     assert!(

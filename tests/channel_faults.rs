@@ -962,6 +962,105 @@ fn a_broker_channel_close_fails_exactly_the_unconfirmed_publishes_in_one_call_be
 }
 
 #[test]
+fn returns_and_confirms_the_broker_sends_before_its_close_ok_are_reported_not_failed() {
+    // The client closes its channel right after publishing; the broker
+    // answers with a return (tag 2), an ack up to tag 3 and a delivery
+    // before its CloseOk. The return and the acks count (pika keeps its
+    // callbacks until the CloseOk); only tag 4 is failed; the delivery of
+    // a closing channel is dropped.
+    let fake = FakeBroker::start(|mut conn| {
+        open_channel(&mut conn);
+        conn.expect::<confirm::Select>(1);
+        conn.send_method(1, confirm::SelectOk {});
+        for i in 1..=4u8 {
+            assert_eq!(read_publish(&mut conn), [i]);
+        }
+        conn.expect::<channel::Close>(1);
+        conn.send_message(
+            1,
+            basic::Return {
+                reply_code: 312,
+                reply_text: "NO_ROUTE".into(),
+                exchange: "".into(),
+                routing_key: "nowhere".into(),
+            },
+            &BasicProperties::default(),
+            &[2],
+        );
+        conn.send_method(
+            1,
+            basic::Ack {
+                delivery_tag: 3,
+                multiple: true,
+            },
+        );
+        conn.send_message(
+            1,
+            basic::Deliver {
+                consumer_tag: "ctag".into(),
+                delivery_tag: 1,
+                redelivered: false,
+                exchange: "".into(),
+                routing_key: "q".into(),
+            },
+            &BasicProperties::default(),
+            b"late",
+        );
+        conn.send_method(1, channel::CloseOk {});
+        serve_close(&mut conn);
+    });
+    let (conn, outcome) = run_client(&fake, |ch, outcome| {
+        let o = outcome.clone();
+        ch.confirm_delivery(
+            move |_, c| o.push(Event::Confirm(c)),
+            |ch, r| {
+                r.unwrap();
+                for i in 1..=4u8 {
+                    let mandatory = i == 2;
+                    ch.basic_publish("", "q", [i], &BasicProperties::default(), mandatory)
+                        .unwrap();
+                }
+                ch.close(200, "done").unwrap();
+            },
+        )
+        .unwrap();
+        let o = outcome.clone();
+        ch.add_on_return_callback(move |_, m| o.push(Event::Message(m.body.clone())));
+        ch.add_on_close_callback(|ch, _| {
+            ch.connection().unwrap().close(200, "done").unwrap();
+        });
+    });
+    let events = outcome.events();
+    fake.join();
+    let seen: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(body) => Some(format!("returned {body:?}")),
+            Event::Confirm(Confirmation::Ack { settled, .. }) => Some(format!("ack {settled:?}")),
+            Event::Confirm(Confirmation::Nack { settled, .. }) => Some(format!("nack {settled:?}")),
+            Event::Confirm(Confirmation::Failed { settled, error }) => Some(format!(
+                "failed {settled:?} {}",
+                error.reply_code().unwrap_or(0)
+            )),
+            Event::ChannelClosed(e) => {
+                Some(format!("channel closed {}", e.reply_code().unwrap_or(0)))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "returned [2]",
+            "ack [1, 2, 3]",
+            "failed [4] 200",
+            "channel closed 200"
+        ]
+    );
+    assert!(conn.is_closed());
+}
+
+#[test]
 fn a_lost_stream_completes_every_pending_request_once_in_order_and_fails_unconfirmed_publishes() {
     let fake = FakeBroker::start(|mut conn| {
         open_channel(&mut conn);

@@ -108,7 +108,8 @@ impl Connection {
     }
 
     /// Hands on the message once its body is whole (dropped when the
-    /// channel is discarding: our Close is out).
+    /// channel is discarding — our Close is out — unless it is a return,
+    /// which counts until the CloseOk).
     fn complete_content(&mut self, number: u16) {
         let Some(slot) = self.slot_by_number(number) else {
             return;
@@ -123,7 +124,9 @@ impl Connection {
         let Some(content) = slot.content.take() else {
             return;
         };
-        if slot.discarding() {
+        let returned_while_closing = slot.state == super::channel::ChannelState::Closing
+            && matches!(content.method, Method::BasicReturn(_));
+        if slot.discarding() && !returned_while_closing {
             return;
         }
         let (properties, _) = content.header.unwrap_or_default();

@@ -82,6 +82,19 @@ impl Connection {
                     self.finish_channel(number, reason);
                 }
             }
+            // Until the CloseOk, the broker's confirms and returns for what
+            // was published before our Close still count (pika keeps their
+            // callbacks until then): a publisher told `Failed` about a
+            // message the broker acked would publish it twice.
+            Method::BasicAck(ack) if state == ChannelState::Closing => {
+                self.on_confirm(number, ack.delivery_tag, ack.multiple, true)
+            }
+            Method::BasicNack(nack) if state == ChannelState::Closing => {
+                self.on_confirm(number, nack.delivery_tag, nack.multiple, false)
+            }
+            m @ Method::BasicReturn(_) if state == ChannelState::Closing => {
+                slot.content = Some(super::content::PendingContent::new(m));
+            }
             other if slot.discarding() => {
                 log::debug!(
                     "channel {number}: discarding {} while closing",
