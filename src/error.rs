@@ -63,7 +63,10 @@ pub enum CodecError {
         channel: u16,
     },
     /// A frame type other than method (1), header (2), body (3) or heartbeat (8).
-    #[error("unknown frame type {frame_type} on channel {channel}")]
+    #[error(
+        "unknown frame type {frame_type} on channel {channel}{}",
+        unknown_frame_hint(*.frame_type)
+    )]
     UnknownFrameType {
         /// The frame's type octet.
         frame_type: u8,
@@ -680,6 +683,16 @@ impl From<CodecError> for Error {
     /// happen.
     fn from(e: CodecError) -> Self {
         Error::Encode(e)
+    }
+}
+
+/// What an unknown frame type suggests about the peer: a TLS record
+/// (content types 20–23) or text such as an HTTP answer.
+fn unknown_frame_hint(frame_type: u8) -> &'static str {
+    match frame_type {
+        0x14..=0x17 => " (the peer answered with TLS: is this a TLS port? use amqps://)",
+        b'A'..=b'Z' | b'a'..=b'z' => " (the peer answered with text: is this an AMQP port?)",
+        _ => "",
     }
 }
 

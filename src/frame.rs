@@ -124,6 +124,18 @@ pub fn parse_frame(buf: &[u8], frame_max: u32) -> Result<Option<(Frame<'_>, usiz
     let frame_type = buf[0];
     let channel = u16::from_be_bytes([buf[1], buf[2]]);
     let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]);
+    // The type first: bytes of a peer that does not speak AMQP (a TLS
+    // alert, an HTTP answer) read as a huge size, and "unknown frame type"
+    // says better what went wrong.
+    if !matches!(
+        frame_type,
+        FRAME_METHOD | FRAME_HEADER | FRAME_BODY | FRAME_HEARTBEAT
+    ) {
+        return Err(CodecError::UnknownFrameType {
+            frame_type,
+            channel,
+        });
+    }
     let total = size as u64 + FRAME_OVERHEAD as u64;
     if frame_max != 0 && total > u64::from(frame_max) {
         return Err(CodecError::FrameTooLarge {
@@ -131,16 +143,8 @@ pub fn parse_frame(buf: &[u8], frame_max: u32) -> Result<Option<(Frame<'_>, usiz
             frame_max,
         });
     }
-    match frame_type {
-        FRAME_METHOD | FRAME_HEADER | FRAME_BODY => {}
-        FRAME_HEARTBEAT if channel == 0 && size == 0 => {}
-        FRAME_HEARTBEAT => return Err(CodecError::BadHeartbeat { channel, size }),
-        _ => {
-            return Err(CodecError::UnknownFrameType {
-                frame_type,
-                channel,
-            });
-        }
+    if frame_type == FRAME_HEARTBEAT && (channel != 0 || size != 0) {
+        return Err(CodecError::BadHeartbeat { channel, size });
     }
     let total = total as usize;
     if buf.len() < total {

@@ -296,6 +296,15 @@ fn a_plain_client_on_the_tls_port_fails_within_stack_timeout() {
     let errors = run(params, |_| panic!("must not open"));
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(errors[0].is_connection_error(), "{:?}", errors[0]);
+    // The TLS listener answers the AMQP header with a TLS alert record:
+    // said as such, not as a frame of a huge size.
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("the peer answered with TLS: is this a TLS port? use amqps://"),
+        "{}",
+        errors[0]
+    );
     assert!(
         started.elapsed() < Duration::from_secs(6),
         "{:?}",

@@ -521,3 +521,39 @@ fn a_well_formed_header_reports_no_properties_error() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn the_frame_type_is_checked_before_the_size() {
+    // A TLS alert record and an HTTP answer, read as frame headers.
+    let tls_alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32, 0, 0];
+    let err = parse_frame(&tls_alert, 4096).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CodecError::UnknownFrameType {
+                frame_type: 0x15,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("is this a TLS port?"), "{err}");
+    let err = parse_frame(b"HTTP/1.1 400 Bad Request", 4096).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CodecError::UnknownFrameType {
+                frame_type: b'H',
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("is this an AMQP port?"), "{err}");
+    // A known type still has its size checked.
+    let big = [FRAME_BODY, 0, 1, 0, 1, 0, 0];
+    assert!(matches!(
+        parse_frame(&big, 4096),
+        Err(CodecError::FrameTooLarge { .. })
+    ));
+}
