@@ -15,13 +15,22 @@ impl SelectConnection {
         if self.shared.dispatching.replace(true) {
             return;
         }
-        struct Dispatching<'a>(&'a std::cell::Cell<bool>);
+        struct Dispatching<'a>(&'a SelectConnection);
         impl Drop for Dispatching<'_> {
             fn drop(&mut self) {
-                self.0.set(false);
+                self.0.shared.dispatching.set(false);
+                if std::thread::panicking() {
+                    // A user callback panicked: the panic leaves the loop
+                    // (the application may start it again). What this
+                    // pass would have done after the dispatch — the rest
+                    // of the events, the bytes not read yet, the writes
+                    // the callbacks queued, the timer — runs on the loop's
+                    // next pass.
+                    self.0.queue_recovery();
+                }
             }
         }
-        let _guard = Dispatching(&self.shared.dispatching);
+        let _guard = Dispatching(self);
         loop {
             let event = {
                 let mut st = self.shared.state.borrow_mut();
@@ -115,13 +124,27 @@ impl SelectConnection {
                     .borrow_mut()
                     .record_mut(channel)
                     .and_then(|r| r.on_ack_nack.take());
-                if let Some(mut cb) = cb {
-                    cb(&self.channel_handle(channel), confirmation);
-                    if let Some(r) = self.shared.state.borrow_mut().record_mut(channel) {
-                        if r.on_ack_nack.is_none() {
-                            r.on_ack_nack = Some(cb);
-                        }
-                    }
+                if let Some(cb) = cb {
+                    let ch = self.channel_handle(channel);
+                    call_then_restore(
+                        cb,
+                        |cb| cb(&ch, confirmation),
+                        |cb| {
+                            let Ok(mut st) = self.shared.state.try_borrow_mut() else {
+                                return;
+                            };
+                            if let Some(r) = st.record_mut(channel) {
+                                if r.on_ack_nack.is_none() {
+                                    r.on_ack_nack = Some(cb);
+                                    return;
+                                }
+                            }
+                            // Replaced or gone meanwhile: dropped with no
+                            // borrow held.
+                            drop(st);
+                            drop(cb);
+                        },
+                    );
                 }
             }
             Event::ConsumerEnded {
@@ -154,6 +177,11 @@ impl SelectConnection {
             Event::Watched { channel, method } => self.run_generic(channel, &method),
             Event::ChannelClosed { channel, error } => {
                 self.shared.door.channel_closed(channel);
+                if self.shared.state.borrow().shutting_down {
+                    // Its deliveries are settled now (the broker requeues
+                    // them): the shutdown may be complete.
+                    self.queue_shutdown_check();
+                }
                 let record = {
                     let mut st = self.shared.state.borrow_mut();
                     match st.channels.get_mut(channel.number as usize) {
@@ -239,22 +267,30 @@ impl SelectConnection {
                     .and_then(|c| c.on_message.take())
             })
         };
-        let Some(mut cb) = cb else { return };
-        cb(&self.channel_handle(key), delivery);
-        let mut st = self.shared.state.borrow_mut();
-        if let Some(entry) = st
-            .record_mut(key)
-            .and_then(|r| r.consumers.iter_mut().find(|c| c.id == consumer))
-        {
-            if entry.on_message.is_none() {
-                entry.on_message = Some(cb);
-                return;
-            }
-        }
-        drop(st);
-        // The consumer went while its callback ran: the closure goes now,
-        // with no borrow held.
-        drop(cb);
+        let Some(cb) = cb else { return };
+        let ch = self.channel_handle(key);
+        call_then_restore(
+            cb,
+            |cb| cb(&ch, delivery),
+            |cb| {
+                let Ok(mut st) = self.shared.state.try_borrow_mut() else {
+                    return;
+                };
+                if let Some(entry) = st
+                    .record_mut(key)
+                    .and_then(|r| r.consumers.iter_mut().find(|c| c.id == consumer))
+                {
+                    if entry.on_message.is_none() {
+                        entry.on_message = Some(cb);
+                        return;
+                    }
+                }
+                drop(st);
+                // The consumer went while its callback ran: the closure
+                // goes now, with no borrow held.
+                drop(cb);
+            },
+        );
     }
 
     /// Calls every callback of a repeating connection-level list with no
@@ -265,16 +301,25 @@ impl SelectConnection {
         list: fn(&mut super::Callbacks) -> &mut Vec<Box<T>>,
         mut call: impl FnMut(&mut Box<T>, &SelectConnection),
     ) {
-        let mut callbacks = std::mem::take(list(&mut self.shared.state.borrow_mut().callbacks));
-        for cb in callbacks.iter_mut() {
-            call(cb, self);
-        }
-        let mut st = self.shared.state.borrow_mut();
-        if !st.closed {
-            let added = list(&mut st.callbacks);
-            callbacks.append(added);
-            *added = callbacks;
-        }
+        let callbacks = std::mem::take(list(&mut self.shared.state.borrow_mut().callbacks));
+        call_then_restore(
+            callbacks,
+            |callbacks| {
+                for cb in callbacks.iter_mut() {
+                    call(cb, self);
+                }
+            },
+            |mut callbacks| {
+                let Ok(mut st) = self.shared.state.try_borrow_mut() else {
+                    return;
+                };
+                if !st.closed {
+                    let added = list(&mut st.callbacks);
+                    callbacks.append(added);
+                    *added = callbacks;
+                }
+            },
+        );
     }
 
     /// The same for a channel's lists; returns whether the list was empty.
@@ -284,20 +329,29 @@ impl SelectConnection {
         list: fn(&mut ChannelRecord) -> &mut Vec<Box<T>>,
         mut call: impl FnMut(&mut Box<T>),
     ) -> bool {
-        let mut callbacks = match self.shared.state.borrow_mut().record_mut(key) {
+        let callbacks = match self.shared.state.borrow_mut().record_mut(key) {
             Some(r) => std::mem::take(list(r)),
             None => return true,
         };
         let empty = callbacks.is_empty();
-        for cb in callbacks.iter_mut() {
-            call(cb);
-        }
-        let mut st = self.shared.state.borrow_mut();
-        if let Some(r) = st.record_mut(key) {
-            let added = list(r);
-            callbacks.append(added);
-            *added = callbacks;
-        }
+        call_then_restore(
+            callbacks,
+            |callbacks| {
+                for cb in callbacks.iter_mut() {
+                    call(cb);
+                }
+            },
+            |mut callbacks| {
+                let Ok(mut st) = self.shared.state.try_borrow_mut() else {
+                    return;
+                };
+                if let Some(r) = st.record_mut(key) {
+                    let added = list(r);
+                    callbacks.append(added);
+                    *added = callbacks;
+                }
+            },
+        );
         empty
     }
 
@@ -316,16 +370,36 @@ impl SelectConnection {
                 .collect()
         };
         let ch = self.channel_handle(key);
-        let mut keep = Vec::new();
-        for (i, one_shot, cb) in hits {
-            if let Some(mut cb) = cb {
-                cb(&ch, method);
-                if !one_shot {
-                    keep.push((i, cb));
+        call_then_restore(
+            hits,
+            |hits| {
+                for (_, one_shot, cb) in hits.iter_mut() {
+                    if let Some(f) = cb {
+                        f(&ch, method);
+                    }
+                    if *one_shot {
+                        // Gone once called (also if it panicked).
+                        *cb = None;
+                    }
                 }
-            }
-        }
-        let mut st = self.shared.state.borrow_mut();
+            },
+            |hits| self.restore_generic(key, hits),
+        );
+    }
+
+    /// Puts the repeating generic callbacks back after their call, drops
+    /// the one-shot ones and tells the core what is still watched.
+    fn restore_generic(
+        &self,
+        key: protocol::ChannelKey,
+        hits: Vec<(usize, bool, Option<super::OnMethod>)>,
+    ) {
+        let keep = hits
+            .into_iter()
+            .filter_map(|(i, one_shot, cb)| Some((i, cb.filter(|_| !one_shot)?)));
+        let Ok(mut st) = self.shared.state.try_borrow_mut() else {
+            return;
+        };
         let st = &mut *st;
         let Some(r) = st.record_mut(key) else { return };
         for (i, cb) in keep {
@@ -366,5 +440,25 @@ impl SelectConnection {
                 Phase::Closed => ConnectionState::Connecting,
             },
         }
+    }
+}
+
+/// Calls `call` with `value`, then hands `value` to `restore` — also when
+/// `call` unwinds: a panicking user callback must not take a repeating
+/// callback with it (pika keeps its consumers and callbacks after an
+/// exception escapes the loop). `restore` runs while unwinding too, so it
+/// must not panic: it uses `try_borrow_mut`.
+fn call_then_restore<T>(value: T, call: impl FnOnce(&mut T), restore: impl FnOnce(T)) {
+    struct Restore<T, R: FnOnce(T)>(Option<(T, R)>);
+    impl<T, R: FnOnce(T)> Drop for Restore<T, R> {
+        fn drop(&mut self) {
+            if let Some((value, restore)) = self.0.take() {
+                restore(value);
+            }
+        }
+    }
+    let mut guard = Restore(Some((value, restore)));
+    if let Some((value, _)) = guard.0.as_mut() {
+        call(value);
     }
 }

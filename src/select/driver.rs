@@ -686,6 +686,21 @@ impl SelectConnection {
         }
     }
 
+    /// After a user callback panicked out of a dispatch: the next loop
+    /// pass dispatches the rest, handles the bytes already read, writes
+    /// what was queued and re-arms the timer. Called while unwinding, so
+    /// it only queues (the loop's `call_soon` takes no borrow of ours).
+    pub(super) fn queue_recovery(&self) {
+        let me = self.clone();
+        self.shared.ioloop.call_soon(move || {
+            me.dispatch();
+            me.process_inbound();
+            me.set_interest();
+            me.flush();
+            me.arm_timer();
+        });
+    }
+
     /// Dispatches on the next loop pass (once), unless a dispatch is
     /// running: it picks the new events up.
     fn queue_dispatch(&self) {

@@ -44,6 +44,13 @@
 //! * **Our close** closes open channels first, then sends Connection.Close;
 //!   the whole handshake is bounded by `socket_timeout` (10 s when unset):
 //!   a broker that never answers does not keep `close()` from finishing.
+//! * **A panic in a callback** leaves `ioloop.start()`, as an exception
+//!   leaves pika's. The connection stays usable: start the loop again and
+//!   it carries on where it stopped — the rest of the events of that read
+//!   are dispatched, queued requests are written, and repeating callbacks
+//!   (consumers, confirm, return, cancel, flow, blocked callbacks) stay
+//!   registered, including the one that panicked. A one-shot completion
+//!   that panicked has run: it is gone.
 
 mod channel;
 mod connection;
