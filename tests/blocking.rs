@@ -1153,3 +1153,117 @@ fn two_threads_consuming_on_one_connection_never_run_callbacks_at_once() {
     assert_eq!(overlapped.load(Ordering::SeqCst), 0, "callbacks overlapped");
     conn.close(200, "done").unwrap();
 }
+// ----------------------------------------------------------------------
+// Regressions: defects found by black-box testing
+// ----------------------------------------------------------------------
+
+/// Runs `f` on a thread of its own and returns what it returns, failing
+/// the test naming `what` when it takes longer than `bound` (a hang is a
+/// failure, not a stuck test binary; the thread is left behind). A panic
+/// in `f` is the test's panic.
+fn bounded<T: Send + 'static>(
+    what: &str,
+    bound: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(format!("client: {what}"))
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .expect("spawn the client thread");
+    match rx.recv_timeout(bound) {
+        Ok(value) => {
+            let _ = handle.join();
+            value
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: did not finish within {bound:?} (a hang)")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
+            Err(payload) => std::panic::resume_unwind(payload),
+            Ok(()) => unreachable!("the client thread ended without a result"),
+        },
+    }
+}
+
+#[test]
+fn requests_from_a_second_thread_complete_while_the_main_thread_is_in_start_consuming() {
+    // Without heartbeats nothing else wakes the thread that sleeps in the
+    // poller: a request another thread queued must wake it.
+    bounded(
+        "requests beside start_consuming",
+        Duration::from_secs(20),
+        || {
+            let mut params = broker_params();
+            params.set_heartbeat(Heartbeat::Disabled);
+            let conn = BlockingConnection::new(params).unwrap();
+            assert_eq!(conn.heartbeat(), 0);
+            let ch = conn.channel(None).unwrap();
+            let q = temp_queue(&ch);
+            let worker = conn.channel(None).unwrap();
+            let spare = conn.channel(None).unwrap();
+            ch.basic_consume(
+                &q,
+                |c, d| {
+                    c.basic_ack(d.method.delivery_tag, false).unwrap();
+                    c.stop_consuming(None).unwrap();
+                },
+                BasicConsumeOptions::default(),
+            )
+            .unwrap();
+            let q2 = q.clone();
+            let second = std::thread::spawn(move || {
+                // Let the main thread settle in start_consuming.
+                std::thread::sleep(Duration::from_millis(200));
+                let mut took = Vec::new();
+                let mut timed = |what: &'static str, f: &mut dyn FnMut()| {
+                    let started = Instant::now();
+                    f();
+                    took.push((what, started.elapsed()));
+                };
+                let mut own = String::new();
+                timed("queue_declare", &mut || own = temp_queue(&worker));
+                timed("basic_get", &mut || {
+                    assert!(worker.basic_get(&own, false).unwrap().is_none())
+                });
+                timed("basic_qos", &mut || {
+                    worker.basic_qos(0, 5, false).unwrap();
+                });
+                timed("basic_consume + basic_cancel", &mut || {
+                    let tag = worker
+                        .basic_consume(&own, |_, _| {}, BasicConsumeOptions::default())
+                        .unwrap();
+                    worker.basic_cancel(&tag).unwrap();
+                });
+                timed("tx_select + tx_commit", &mut || {
+                    spare.tx_select().unwrap();
+                    spare.tx_commit().unwrap();
+                });
+                timed("close", &mut || spare.close(200, "done").unwrap());
+                timed("confirm_delivery", &mut || {
+                    worker.confirm_delivery().unwrap()
+                });
+                // The confirmed publish that ends the main thread's consumer.
+                timed("confirmed basic_publish", &mut || {
+                    worker
+                        .basic_publish("", &q2, "x", &BasicProperties::default(), false)
+                        .unwrap()
+                });
+                took
+            });
+            ch.start_consuming().unwrap();
+            let took = second.join().unwrap();
+            for (what, took) in took {
+                // Each is a round trip on loopback (milliseconds); a request
+                // stuck until something else woke the poller never returned.
+                assert!(
+                    took < Duration::from_secs(2),
+                    "{what} from a second thread took {took:?}"
+                );
+            }
+            conn.close(200, "done").unwrap();
+        },
+    );
+}

@@ -449,6 +449,15 @@ impl Engine {
                 return Ok(None);
             }
             if st.driving {
+                // Another thread sleeps in the poller. What this thread
+                // queued (the request it waits for the answer to) is its
+                // to write: without write interest nothing wakes it but a
+                // read — the next heartbeat, or never with heartbeats off.
+                // (With write interest, writability wakes it; a notify
+                // then would only make it spin while the socket is full.)
+                if !st.core.outbound().is_empty() && !st.write_interest {
+                    self.notify();
+                }
                 let bound = deadline
                     .map_or(Duration::from_millis(50), |d| d - now)
                     .min(Duration::from_millis(50));
