@@ -1267,3 +1267,134 @@ fn requests_from_a_second_thread_complete_while_the_main_thread_is_in_start_cons
         },
     );
 }
+#[test]
+fn the_consume_iterator_runs_acks_from_worker_threads_while_it_waits() {
+    // The seed's threaded-ack pattern with consume(): prefetch 1, so each
+    // next message needs the previous one's ack, which a worker thread
+    // hands over with add_callback_threadsafe.
+    bounded(
+        "threaded acks under consume()",
+        Duration::from_secs(20),
+        || {
+            let conn = connect();
+            let ch = conn.channel(None).unwrap();
+            let q = temp_queue(&ch);
+            ch.basic_qos(0, 1, false).unwrap();
+            for i in 0..3u8 {
+                ch.basic_publish("", &q, [i], &BasicProperties::default(), false)
+                    .unwrap();
+            }
+            let acked = Arc::new(AtomicUsize::new(0));
+            let handle = conn.threadsafe_handle();
+            let number = ch.channel_number();
+            let mut got = Vec::new();
+            let mut workers = Vec::new();
+            for m in ch
+                .consume(
+                    &q,
+                    false,
+                    false,
+                    FieldTable::new(),
+                    Some(Duration::from_secs(5)),
+                )
+                .unwrap()
+            {
+                let Some(d) = m.unwrap() else {
+                    panic!(
+                        "no message within 5 s after {got:?}: the workers' acks ({} run) were not \
+                     dispatched while consume() waited",
+                        acked.load(Ordering::SeqCst)
+                    );
+                };
+                got.push(d.body[0]);
+                let tag = d.method.delivery_tag;
+                let (handle, acked) = (handle.clone(), acked.clone());
+                workers.push(std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    handle
+                        .add_callback_threadsafe(move |conn| {
+                            conn.channel_by_number(number)
+                                .unwrap()
+                                .basic_ack(tag, false)
+                                .unwrap();
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        })
+                        .unwrap();
+                }));
+                if got.len() == 3 {
+                    break;
+                }
+            }
+            for w in workers {
+                w.join().unwrap();
+            }
+            assert_eq!(got, [0, 1, 2]);
+            assert_eq!(ch.cancel().unwrap(), 0);
+            until(&conn, "the last ack", || acked.load(Ordering::SeqCst) == 3);
+            assert_eq!(depth(&ch, &q), 0);
+            conn.close(200, "done").unwrap();
+        },
+    );
+}
+
+#[test]
+fn the_consume_iterator_runs_timers_and_other_consumers_while_it_waits() {
+    bounded("timers under consume()", Duration::from_secs(20), || {
+        let conn = connect();
+        let ch = conn.channel(None).unwrap();
+        let q = temp_queue(&ch);
+        let number = ch.channel_number();
+        // A timer that publishes to the iterated queue.
+        let target = q.clone();
+        conn.call_later(Duration::from_millis(50), move |conn| {
+            conn.channel_by_number(number)
+                .unwrap()
+                .basic_publish("", &target, "timer", &BasicProperties::default(), false)
+                .unwrap();
+        });
+        // A callback consumer on another channel that does too.
+        let other = conn.channel(None).unwrap();
+        let other_q = temp_queue(&other);
+        let target = q.clone();
+        other
+            .basic_consume(
+                &other_q,
+                move |c, d| {
+                    c.basic_ack(d.method.delivery_tag, false).unwrap();
+                    c.connection()
+                        .channel_by_number(number)
+                        .unwrap()
+                        .basic_publish("", &target, "consumer", &BasicProperties::default(), false)
+                        .unwrap();
+                },
+                BasicConsumeOptions::default(),
+            )
+            .unwrap();
+        other
+            .basic_publish("", &other_q, "go", &BasicProperties::default(), false)
+            .unwrap();
+        let mut got = Vec::new();
+        for m in ch
+            .consume(
+                &q,
+                true,
+                false,
+                FieldTable::new(),
+                Some(Duration::from_secs(3)),
+            )
+            .unwrap()
+        {
+            let Some(d) = m.unwrap() else {
+                panic!("only {got:?} within 3 s: the timer or the other consumer did not run");
+            };
+            got.push(String::from_utf8(d.body).unwrap());
+            if got.len() == 2 {
+                break;
+            }
+        }
+        got.sort();
+        assert_eq!(got, ["consumer", "timer"]);
+        ch.cancel().unwrap();
+        conn.close(200, "done").unwrap();
+    });
+}

@@ -350,15 +350,6 @@ impl BlockingConnection {
             self.dispatch_all();
             return self.ended();
         }
-        let engine = self.engine.clone();
-        let jobs_pending = move || {
-            !engine
-                .jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .callbacks
-                .is_empty()
-        };
         if time_limit == Some(Duration::ZERO) {
             self.engine.poll_once()?;
         } else if inside_callback && limit.is_some() {
@@ -378,19 +369,7 @@ impl BlockingConnection {
             self.engine
                 .wait(None, |st| (st.frames_in != before).then_some(()))?;
         } else {
-            loop {
-                let next_timer = self.engine.lock().timers.iter().map(|t| t.due).min();
-                let deadline = [limit, next_timer].into_iter().flatten().min();
-                let found = self.engine.wait(deadline, |st| {
-                    (st.has_dispatch(Instant::now()) || jobs_pending()).then_some(())
-                })?;
-                if found.is_some() || limit.is_some_and(|l| Instant::now() >= l) {
-                    break;
-                }
-                if self.has_dispatch() {
-                    break;
-                }
-            }
+            self.engine.wait_dispatchable(limit, |_| None::<()>)?;
         }
         if !inside_callback {
             self.dispatch_all();

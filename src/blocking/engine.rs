@@ -99,6 +99,16 @@ pub(super) enum Dispatch {
     Unblocked(connection::Unblocked),
 }
 
+/// How [`Engine::wait_dispatchable`] ended.
+pub(super) enum Waited<T> {
+    /// The caller's own condition gave this.
+    Own(T),
+    /// There is something to dispatch.
+    Dispatch,
+    /// The time limit passed.
+    TimedOut,
+}
+
 /// A consumer with a callback.
 pub(super) struct ConsumerFace {
     pub(super) id: ConsumerId,
@@ -469,6 +479,43 @@ impl Engine {
                 continue;
             }
             st = self.turn_once(st, deadline);
+        }
+    }
+
+    /// Waits (driving I/O) until there is something for
+    /// `process_data_events` to dispatch — a queued event, a due timer, a
+    /// closure from another thread — or `own` gives a value, or `limit`
+    /// passes. The wait ends at the earliest timer's due time, and again
+    /// when another thread adds an earlier one.
+    ///
+    /// # Errors
+    /// The connection's end (unless `own` takes it first).
+    pub(super) fn wait_dispatchable<T>(
+        &self,
+        limit: Option<Instant>,
+        mut own: impl FnMut(&mut State) -> Option<T>,
+    ) -> Result<Waited<T>, Error> {
+        loop {
+            let next_timer = self.lock().timers.iter().map(|t| t.due).min();
+            let deadline = [limit, next_timer].into_iter().flatten().min();
+            let found = self.wait(deadline, |st| {
+                if let Some(value) = own(st) {
+                    return Some(Some(Waited::Own(value)));
+                }
+                if st.has_dispatch(Instant::now()) || !lock(&self.jobs).callbacks.is_empty() {
+                    return Some(Some(Waited::Dispatch));
+                }
+                // A timer added meanwhile: wait again, until the new earliest.
+                let earliest = st.timers.iter().map(|t| t.due).min();
+                (earliest != next_timer).then_some(None)
+            })?;
+            match found {
+                Some(Some(waited)) => return Ok(waited),
+                Some(None) => {}
+                None if limit.is_some_and(|l| Instant::now() >= l) => return Ok(Waited::TimedOut),
+                // The earliest timer came due: the next look finds it.
+                None => {}
+            }
         }
     }
 
