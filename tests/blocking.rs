@@ -1398,3 +1398,62 @@ fn the_consume_iterator_runs_timers_and_other_consumers_while_it_waits() {
         conn.close(200, "done").unwrap();
     });
 }
+/// The text of a panic's payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn duration_max_means_no_deadline_and_never_panics() {
+    bounded("Duration::MAX", Duration::from_secs(20), || {
+        let conn = connect();
+        // A timer that never comes due.
+        let never = conn.call_later(Duration::MAX, |_| panic!("a timer at Duration::MAX ran"));
+        conn.process_data_events(Some(Duration::from_millis(20)))
+            .unwrap();
+        assert!(conn.remove_timeout(never));
+        // process_data_events waits until there is something to dispatch.
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        conn.call_later(Duration::from_millis(50), move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+        conn.process_data_events(Some(Duration::MAX)).unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        // sleep waits "forever": a callback's panic gets it out.
+        let handle = conn.threadsafe_handle();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            handle
+                .add_callback_threadsafe(|_| std::panic::panic_any("wake up"))
+                .unwrap();
+        });
+        let slept =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| conn.sleep(Duration::MAX)));
+        match slept {
+            Err(payload) => assert_eq!(panic_text(&*payload), "wake up"),
+            Ok(outcome) => panic!("sleep(Duration::MAX) returned {outcome:?}"),
+        }
+        // consume() with an inactivity timeout of Duration::MAX.
+        let ch = conn.channel(None).unwrap();
+        let q = temp_queue(&ch);
+        ch.basic_publish("", &q, "x", &BasicProperties::default(), false)
+            .unwrap();
+        let mut it = ch
+            .consume(&q, true, false, FieldTable::new(), Some(Duration::MAX))
+            .unwrap();
+        let m = it
+            .next()
+            .unwrap()
+            .unwrap()
+            .expect("a message, not a timeout");
+        assert_eq!(m.body, b"x");
+        drop(it);
+        ch.cancel().unwrap();
+        conn.close(200, "done").unwrap();
+    });
+}

@@ -807,9 +807,10 @@ impl BlockingChannel {
         self.usable(&mut st, what)
     }
 
-    /// A deadline for waits, from an optional timeout.
+    /// A deadline for waits, from an optional timeout; none for a timeout
+    /// beyond the clock's range (`Duration::MAX`).
     pub(super) fn deadline(timeout: Option<std::time::Duration>) -> Option<Instant> {
-        timeout.map(|t| Instant::now() + t)
+        timeout.and_then(|t| Instant::now().checked_add(t))
     }
 }
 

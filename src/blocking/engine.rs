@@ -187,7 +187,9 @@ impl ChannelFace {
 /// A timer of [`super::BlockingConnection::call_later`].
 pub(super) struct Timer {
     pub(super) id: u64,
-    pub(super) due: Instant,
+    /// `None`: never (a delay too long for the clock, e.g.
+    /// `Duration::MAX`).
+    pub(super) due: Option<Instant>,
     pub(super) callback: ConnCallback,
 }
 
@@ -260,7 +262,7 @@ impl State {
     /// Whether there is something for `process_data_events` to dispatch
     /// at `now`.
     pub(super) fn has_dispatch(&self, now: Instant) -> bool {
-        !self.dispatch.is_empty() || self.timers.iter().any(|t| t.due <= now)
+        !self.dispatch.is_empty() || self.timers.iter().any(|t| t.due.is_some_and(|d| d <= now))
     }
 }
 
@@ -496,7 +498,7 @@ impl Engine {
         mut own: impl FnMut(&mut State) -> Option<T>,
     ) -> Result<Waited<T>, Error> {
         loop {
-            let next_timer = self.lock().timers.iter().map(|t| t.due).min();
+            let next_timer = self.lock().timers.iter().filter_map(|t| t.due).min();
             let deadline = [limit, next_timer].into_iter().flatten().min();
             let found = self.wait(deadline, |st| {
                 if let Some(value) = own(st) {
@@ -506,7 +508,7 @@ impl Engine {
                     return Some(Some(Waited::Dispatch));
                 }
                 // A timer added meanwhile: wait again, until the new earliest.
-                let earliest = st.timers.iter().map(|t| t.due).min();
+                let earliest = st.timers.iter().filter_map(|t| t.due).min();
                 (earliest != next_timer).then_some(None)
             })?;
             match found {
