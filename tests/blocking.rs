@@ -1457,3 +1457,37 @@ fn duration_max_means_no_deadline_and_never_panics() {
         conn.close(200, "done").unwrap();
     });
 }
+#[test]
+fn after_a_channel_closed_each_error_names_the_call_that_was_refused() {
+    let conn = connect();
+    let ch = conn.channel(None).unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    assert!(matches!(
+        ch.queue_declare(&unique("missing"), passive, FieldTable::new()),
+        Err(Error::ChannelClosedByBroker {
+            reply_code: 404,
+            ..
+        })
+    ));
+    let detail = |r: Result<(), Error>| match r {
+        Err(Error::ChannelWrongState { detail }) => detail,
+        other => panic!("{other:?}"),
+    };
+    let ack = detail(ch.basic_ack(1, false));
+    assert!(ack.contains("basic_ack"), "{ack}");
+    let get = detail(ch.basic_get("q", false).map(drop));
+    assert!(get.contains("basic_get"), "{get}");
+    let publish = detail(ch.basic_publish("", "q", "x", &BasicProperties::default(), false));
+    assert!(publish.contains("basic_publish"), "{publish}");
+    let nack = detail(ch.basic_nack(1, false, true));
+    assert!(nack.contains("basic_nack"), "{nack}");
+    let declare = detail(
+        ch.queue_declare("q", QueueDeclareOptions::default(), FieldTable::new())
+            .map(drop),
+    );
+    assert!(declare.contains("Declare"), "{declare}");
+    conn.close(200, "done").unwrap();
+}

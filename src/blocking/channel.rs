@@ -139,14 +139,10 @@ impl BlockingChannel {
                 detail: format!("channel {} is Closed, cannot {what}", self.key.number),
             });
         };
-        if let Some(e) = face.closed.take() {
-            // Reported once; later calls find the core's wrong state.
-            face.closed = Some(Error::ChannelWrongState {
-                detail: format!("channel {} is Closed, cannot {what}", self.key.number),
-            });
-            return Err(e);
+        match face.closed_error(what) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Runs a command that makes a request, then waits for its reply.
@@ -174,11 +170,7 @@ impl BlockingChannel {
             // wrong state.
             let mut st = self.engine.lock();
             if let Some(face) = st.face(key) {
-                if face.closed.is_some() {
-                    face.closed = Some(Error::ChannelWrongState {
-                        detail: format!("channel {} is Closed", key.number),
-                    });
-                }
+                face.close_reported |= face.closed.is_some();
             }
         }
         reply
@@ -694,8 +686,8 @@ impl BlockingChannel {
                         ),
                     });
                 };
-                if let Some(e) = &face.closed {
-                    return Err(e.clone());
+                if let Some(e) = face.closed_error("start_consuming") {
+                    return Err(e);
                 }
                 if !face.consumers.iter().any(|c| !c.cancelled) {
                     return Ok(());
@@ -779,15 +771,12 @@ impl BlockingChannel {
         let closed = self
             .engine
             .wait(None, |st| st.face(key).and_then(|f| f.closed.clone()))?;
+        // This call reports the close, whoever closed it first.
+        if let Some(face) = self.engine.lock().face(key) {
+            face.close_reported = true;
+        }
         match closed {
-            Some(Error::ChannelClosedByClient { .. }) | None => {
-                if let Some(face) = self.engine.lock().face(key) {
-                    face.closed = Some(Error::ChannelWrongState {
-                        detail: format!("channel {} is Closed", key.number),
-                    });
-                }
-                Ok(())
-            }
+            Some(Error::ChannelClosedByClient { .. }) | None => Ok(()),
             Some(other) => Err(other),
         }
     }

@@ -76,7 +76,7 @@ impl Iterator for ConsumeIter<'_> {
             }
             if g.ended {
                 face.generator = None;
-                return Some(match face.closed.clone().or(terminal) {
+                return Some(match face.closed_error("consume").or(terminal) {
                     Some(e) => Next::Closed(e),
                     None => Next::Ended,
                 });

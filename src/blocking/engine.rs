@@ -149,8 +149,10 @@ pub(super) enum Outcome {
 /// The face's side of one channel.
 pub(super) struct ChannelFace {
     pub(super) key: ChannelKey,
-    /// Why it closed.
+    /// Why it closed (kept as it was: see [`ChannelFace::closed_error`]).
     pub(super) closed: Option<Error>,
+    /// A call has reported `closed`: later calls get the wrong state.
+    pub(super) close_reported: bool,
     pub(super) consumers: Vec<ConsumerFace>,
     pub(super) on_cancel: Vec<OnCancel>,
     pub(super) on_return: Vec<OnReturn>,
@@ -167,10 +169,25 @@ pub(super) struct ChannelFace {
 }
 
 impl ChannelFace {
+    /// The error of a call (`what`) refused because the channel closed:
+    /// why it closed for the first call that observes it, then the wrong
+    /// state, naming each call. `None` while open.
+    pub(super) fn closed_error(&mut self, what: &str) -> Option<Error> {
+        let why = self.closed.as_ref()?;
+        if std::mem::replace(&mut self.close_reported, true) {
+            Some(Error::ChannelWrongState {
+                detail: format!("channel {} is Closed, cannot {what}", self.key.number),
+            })
+        } else {
+            Some(why.clone())
+        }
+    }
+
     pub(super) fn new(key: ChannelKey) -> ChannelFace {
         ChannelFace {
             key,
             closed: None,
+            close_reported: false,
             consumers: Vec::new(),
             on_cancel: Vec::new(),
             on_return: Vec::new(),
