@@ -1491,3 +1491,58 @@ fn after_a_channel_closed_each_error_names_the_call_that_was_refused() {
     assert!(declare.contains("Declare"), "{declare}");
     conn.close(200, "done").unwrap();
 }
+#[test]
+fn start_consuming_returns_ok_when_a_callback_closes_its_channel() {
+    bounded(
+        "channel close in a callback",
+        Duration::from_secs(20),
+        || {
+            let conn = connect();
+            let ch = conn.channel(None).unwrap();
+            let q = temp_queue(&conn.channel(None).unwrap());
+            ch.basic_publish("", &q, "x", &BasicProperties::default(), false)
+                .unwrap();
+            ch.basic_consume(
+                &q,
+                |c, d| {
+                    c.basic_ack(d.method.delivery_tag, false).unwrap();
+                    c.close(200, "done from the callback").unwrap();
+                },
+                BasicConsumeOptions::default(),
+            )
+            .unwrap();
+            ch.start_consuming()
+                .expect("a close by the client ends the loop: no consumers left");
+            assert!(ch.is_closed());
+            assert!(conn.is_open());
+            conn.close(200, "done").unwrap();
+        },
+    );
+}
+
+#[test]
+fn start_consuming_returns_ok_when_a_callback_closes_the_connection() {
+    bounded(
+        "connection close in a callback",
+        Duration::from_secs(20),
+        || {
+            let conn = connect();
+            let ch = conn.channel(None).unwrap();
+            let q = temp_queue(&ch);
+            ch.basic_publish("", &q, "x", &BasicProperties::default(), false)
+                .unwrap();
+            ch.basic_consume(
+                &q,
+                |c, d| {
+                    c.basic_ack(d.method.delivery_tag, false).unwrap();
+                    c.connection().close(200, "done from the callback").unwrap();
+                },
+                BasicConsumeOptions::default(),
+            )
+            .unwrap();
+            ch.start_consuming()
+                .expect("a close by the client ends the loop: no consumers left");
+            assert!(conn.is_closed());
+        },
+    );
+}

@@ -659,23 +659,32 @@ impl BlockingChannel {
 
     /// Processes I/O and dispatches consumer callbacks (and timers, other
     /// threads' closures, …) until this channel has no consumer left —
-    /// [`BlockingChannel::stop_consuming`], or the broker cancelled them.
+    /// [`BlockingChannel::stop_consuming`], the broker cancelled them, or
+    /// this client closed the channel or the connection (e.g. from a
+    /// callback: `Ok`, as in pika, where the close leaves no consumer).
     ///
     /// # Errors
-    /// [`Error::ReentrancyError`] from inside a callback; the connection's
-    /// end; the channel's close.
+    /// [`Error::ReentrancyError`] from inside a callback; the channel's
+    /// or the connection's state when either is not open at the call (as
+    /// pika's `_raise_if_not_open`); the broker's close of the channel or
+    /// the connection, or the connection's loss, during the loop.
     pub fn start_consuming(&self) -> Result<(), Error> {
         if self.engine.lock().in_callback() {
             return Err(Error::ReentrancyError {
                 detail: "start_consuming from inside a callback".into(),
             });
         }
+        self.check_usable("start_consuming")?;
         let conn = self.connection();
         loop {
             {
                 let mut st = self.engine.lock();
-                if let Some(e) = &st.terminal {
-                    return Err(e.clone());
+                match &st.terminal {
+                    // This client closed the connection (a callback did):
+                    // no consumer is left.
+                    Some(Error::ConnectionClosedByClient { .. }) => return Ok(()),
+                    Some(e) => return Err(e.clone()),
+                    None => {}
                 }
                 let Some(face) = st.face(self.key) else {
                     // Closed, and its number taken by a new channel.
@@ -686,6 +695,11 @@ impl BlockingChannel {
                         ),
                     });
                 };
+                if let Some(Error::ChannelClosedByClient { .. }) = face.closed {
+                    // Closed by this client (a callback did): no consumer
+                    // is left. The close was close()'s to report.
+                    return Ok(());
+                }
                 if let Some(e) = face.closed_error("start_consuming") {
                     return Err(e);
                 }
@@ -693,7 +707,10 @@ impl BlockingChannel {
                     return Ok(());
                 }
             }
-            conn.process_data_events(None)?;
+            match conn.process_data_events(None) {
+                Ok(()) | Err(Error::ConnectionClosedByClient { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
 
