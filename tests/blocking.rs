@@ -1546,3 +1546,49 @@ fn start_consuming_returns_ok_when_a_callback_closes_the_connection() {
         },
     );
 }
+#[test]
+fn in_confirm_mode_each_return_belongs_to_the_publish_it_returns() {
+    let conn = connect();
+    let ch = conn.channel(None).unwrap();
+    let q = temp_queue(&ch);
+    ch.confirm_delivery().unwrap();
+    let props = BasicProperties::default();
+    let nowhere = unique("nowhere");
+    // An unroutable one in the window, then a routable one confirmed alone.
+    let first = ch
+        .basic_publish_nowait("", &nowhere, "first", &props, true)
+        .unwrap();
+    ch.basic_publish("", &q, "second", &props, true)
+        .expect("a routable publish is not the earlier one's return");
+    let confirms = ch.wait_for_confirms(0).unwrap();
+    assert_eq!(confirms.acked, [first]);
+    let bodies: Vec<&[u8]> = confirms.returned.iter().map(|m| &m.body[..]).collect();
+    assert_eq!(bodies, [b"first"], "the window reports its own return");
+    // Two unroutable ones to the same key: each comes back once.
+    let a = ch
+        .basic_publish_nowait("", &nowhere, "a", &props, true)
+        .unwrap();
+    let b = ch
+        .basic_publish_nowait("", &nowhere, "b", &props, true)
+        .unwrap();
+    let confirms = ch.wait_for_confirms(0).unwrap();
+    assert_eq!(confirms.acked, [a, b]);
+    let bodies: Vec<&[u8]> = confirms.returned.iter().map(|m| &m.body[..]).collect();
+    assert_eq!(bodies, [b"a", b"b"]);
+    // A confirmed publish to that key behind one in the window: each its own.
+    let c = ch
+        .basic_publish_nowait("", &nowhere, "c", &props, true)
+        .unwrap();
+    match ch.basic_publish("", &nowhere, "d", &props, true) {
+        Err(Error::UnroutableError { messages }) => {
+            let bodies: Vec<&[u8]> = messages.iter().map(|m| &m.body[..]).collect();
+            assert_eq!(bodies, [b"d"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let confirms = ch.wait_for_confirms(0).unwrap();
+    assert_eq!(confirms.acked, [c]);
+    let bodies: Vec<&[u8]> = confirms.returned.iter().map(|m| &m.body[..]).collect();
+    assert_eq!(bodies, [b"c"]);
+    conn.close(200, "done").unwrap();
+}

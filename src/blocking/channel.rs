@@ -756,8 +756,9 @@ impl BlockingChannel {
     }
 
     /// Adds a callback (run inside `process_data_events`) for each message
-    /// the broker returns (outside confirm mode; in confirm mode returns
-    /// come back from the publish as [`Error::UnroutableError`]).
+    /// the broker returns (outside confirm mode; in confirm mode a return
+    /// comes back from its own publish as [`Error::UnroutableError`], or in
+    /// [`super::Confirms::returned`] with its confirm).
     pub fn add_on_return_callback(
         &self,
         callback: impl FnMut(&BlockingChannel, &ReturnedMessage) + Send + 'static,

@@ -161,8 +161,9 @@ pub(super) struct ChannelFace {
     pub(super) outcomes: HashMap<u64, Outcome>,
     /// Publishes in confirm mode whose outcome is not collected yet.
     pub(super) unconfirmed: usize,
-    /// Messages returned in confirm mode, not yet collected.
-    pub(super) returned: Vec<ReturnedMessage>,
+    /// Messages returned in confirm mode, not yet collected, with the
+    /// delivery tag of the publish each returns.
+    pub(super) returned: Vec<(u64, ReturnedMessage)>,
     /// Auto-acked messages that crossed a cancel of ours.
     pub(super) after_cancel: Vec<Delivery>,
     pub(super) generator: Option<Generator>,
@@ -820,8 +821,14 @@ fn route_event(st: &mut State, event: Event) {
                 face.after_cancel.push(delivery);
             }
         }
-        Event::Returned { channel, message } => match st.face(channel) {
-            Some(face) if face.confirm_mode => face.returned.push(message),
+        Event::Returned {
+            channel,
+            message,
+            delivery_tag,
+        } => match (st.face(channel), delivery_tag) {
+            // In confirm mode: for the publish it returns (its
+            // basic_publish, or wait_for_confirms with its outcome).
+            (Some(face), Some(tag)) => face.returned.push((tag, message)),
             _ => st
                 .dispatch
                 .push_back(Dispatch::Returned { channel, message }),
