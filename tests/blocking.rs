@@ -1153,3 +1153,441 @@ fn two_threads_consuming_on_one_connection_never_run_callbacks_at_once() {
     assert_eq!(overlapped.load(Ordering::SeqCst), 0, "callbacks overlapped");
     conn.close(200, "done").unwrap();
 }
+// ----------------------------------------------------------------------
+// Regressions: defects found by black-box testing
+// ----------------------------------------------------------------------
+
+/// Runs `f` on a thread of its own and returns what it returns, failing
+/// the test naming `what` when it takes longer than `bound` (a hang is a
+/// failure, not a stuck test binary; the thread is left behind). A panic
+/// in `f` is the test's panic.
+fn bounded<T: Send + 'static>(
+    what: &str,
+    bound: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(format!("client: {what}"))
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .expect("spawn the client thread");
+    match rx.recv_timeout(bound) {
+        Ok(value) => {
+            let _ = handle.join();
+            value
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: did not finish within {bound:?} (a hang)")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
+            Err(payload) => std::panic::resume_unwind(payload),
+            Ok(()) => unreachable!("the client thread ended without a result"),
+        },
+    }
+}
+
+#[test]
+fn requests_from_a_second_thread_complete_while_the_main_thread_is_in_start_consuming() {
+    // Without heartbeats nothing else wakes the thread that sleeps in the
+    // poller: a request another thread queued must wake it.
+    bounded(
+        "requests beside start_consuming",
+        Duration::from_secs(20),
+        || {
+            let mut params = broker_params();
+            params.set_heartbeat(Heartbeat::Disabled);
+            let conn = BlockingConnection::new(params).unwrap();
+            assert_eq!(conn.heartbeat(), 0);
+            let ch = conn.channel(None).unwrap();
+            let q = temp_queue(&ch);
+            let worker = conn.channel(None).unwrap();
+            let spare = conn.channel(None).unwrap();
+            ch.basic_consume(
+                &q,
+                |c, d| {
+                    c.basic_ack(d.method.delivery_tag, false).unwrap();
+                    c.stop_consuming(None).unwrap();
+                },
+                BasicConsumeOptions::default(),
+            )
+            .unwrap();
+            let q2 = q.clone();
+            let second = std::thread::spawn(move || {
+                // Let the main thread settle in start_consuming.
+                std::thread::sleep(Duration::from_millis(200));
+                let mut took = Vec::new();
+                let mut timed = |what: &'static str, f: &mut dyn FnMut()| {
+                    let started = Instant::now();
+                    f();
+                    took.push((what, started.elapsed()));
+                };
+                let mut own = String::new();
+                timed("queue_declare", &mut || own = temp_queue(&worker));
+                timed("basic_get", &mut || {
+                    assert!(worker.basic_get(&own, false).unwrap().is_none())
+                });
+                timed("basic_qos", &mut || {
+                    worker.basic_qos(0, 5, false).unwrap();
+                });
+                timed("basic_consume + basic_cancel", &mut || {
+                    let tag = worker
+                        .basic_consume(&own, |_, _| {}, BasicConsumeOptions::default())
+                        .unwrap();
+                    worker.basic_cancel(&tag).unwrap();
+                });
+                timed("tx_select + tx_commit", &mut || {
+                    spare.tx_select().unwrap();
+                    spare.tx_commit().unwrap();
+                });
+                timed("close", &mut || spare.close(200, "done").unwrap());
+                timed("confirm_delivery", &mut || {
+                    worker.confirm_delivery().unwrap()
+                });
+                // The confirmed publish that ends the main thread's consumer.
+                timed("confirmed basic_publish", &mut || {
+                    worker
+                        .basic_publish("", &q2, "x", &BasicProperties::default(), false)
+                        .unwrap()
+                });
+                took
+            });
+            ch.start_consuming().unwrap();
+            let took = second.join().unwrap();
+            for (what, took) in took {
+                // Each is a round trip on loopback (milliseconds); a request
+                // stuck until something else woke the poller never returned.
+                assert!(
+                    took < Duration::from_secs(2),
+                    "{what} from a second thread took {took:?}"
+                );
+            }
+            conn.close(200, "done").unwrap();
+        },
+    );
+}
+#[test]
+fn the_consume_iterator_runs_acks_from_worker_threads_while_it_waits() {
+    // The seed's threaded-ack pattern with consume(): prefetch 1, so each
+    // next message needs the previous one's ack, which a worker thread
+    // hands over with add_callback_threadsafe.
+    bounded(
+        "threaded acks under consume()",
+        Duration::from_secs(20),
+        || {
+            let conn = connect();
+            let ch = conn.channel(None).unwrap();
+            let q = temp_queue(&ch);
+            ch.basic_qos(0, 1, false).unwrap();
+            for i in 0..3u8 {
+                ch.basic_publish("", &q, [i], &BasicProperties::default(), false)
+                    .unwrap();
+            }
+            let acked = Arc::new(AtomicUsize::new(0));
+            let handle = conn.threadsafe_handle();
+            let number = ch.channel_number();
+            let mut got = Vec::new();
+            let mut workers = Vec::new();
+            for m in ch
+                .consume(
+                    &q,
+                    false,
+                    false,
+                    FieldTable::new(),
+                    Some(Duration::from_secs(5)),
+                )
+                .unwrap()
+            {
+                let Some(d) = m.unwrap() else {
+                    panic!(
+                        "no message within 5 s after {got:?}: the workers' acks ({} run) were not \
+                     dispatched while consume() waited",
+                        acked.load(Ordering::SeqCst)
+                    );
+                };
+                got.push(d.body[0]);
+                let tag = d.method.delivery_tag;
+                let (handle, acked) = (handle.clone(), acked.clone());
+                workers.push(std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    handle
+                        .add_callback_threadsafe(move |conn| {
+                            conn.channel_by_number(number)
+                                .unwrap()
+                                .basic_ack(tag, false)
+                                .unwrap();
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        })
+                        .unwrap();
+                }));
+                if got.len() == 3 {
+                    break;
+                }
+            }
+            for w in workers {
+                w.join().unwrap();
+            }
+            assert_eq!(got, [0, 1, 2]);
+            assert_eq!(ch.cancel().unwrap(), 0);
+            until(&conn, "the last ack", || acked.load(Ordering::SeqCst) == 3);
+            assert_eq!(depth(&ch, &q), 0);
+            conn.close(200, "done").unwrap();
+        },
+    );
+}
+
+#[test]
+fn the_consume_iterator_runs_timers_and_other_consumers_while_it_waits() {
+    bounded("timers under consume()", Duration::from_secs(20), || {
+        let conn = connect();
+        let ch = conn.channel(None).unwrap();
+        let q = temp_queue(&ch);
+        let number = ch.channel_number();
+        // A timer that publishes to the iterated queue.
+        let target = q.clone();
+        conn.call_later(Duration::from_millis(50), move |conn| {
+            conn.channel_by_number(number)
+                .unwrap()
+                .basic_publish("", &target, "timer", &BasicProperties::default(), false)
+                .unwrap();
+        });
+        // A callback consumer on another channel that does too.
+        let other = conn.channel(None).unwrap();
+        let other_q = temp_queue(&other);
+        let target = q.clone();
+        other
+            .basic_consume(
+                &other_q,
+                move |c, d| {
+                    c.basic_ack(d.method.delivery_tag, false).unwrap();
+                    c.connection()
+                        .channel_by_number(number)
+                        .unwrap()
+                        .basic_publish("", &target, "consumer", &BasicProperties::default(), false)
+                        .unwrap();
+                },
+                BasicConsumeOptions::default(),
+            )
+            .unwrap();
+        other
+            .basic_publish("", &other_q, "go", &BasicProperties::default(), false)
+            .unwrap();
+        let mut got = Vec::new();
+        for m in ch
+            .consume(
+                &q,
+                true,
+                false,
+                FieldTable::new(),
+                Some(Duration::from_secs(3)),
+            )
+            .unwrap()
+        {
+            let Some(d) = m.unwrap() else {
+                panic!("only {got:?} within 3 s: the timer or the other consumer did not run");
+            };
+            got.push(String::from_utf8(d.body).unwrap());
+            if got.len() == 2 {
+                break;
+            }
+        }
+        got.sort();
+        assert_eq!(got, ["consumer", "timer"]);
+        ch.cancel().unwrap();
+        conn.close(200, "done").unwrap();
+    });
+}
+/// The text of a panic's payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn duration_max_means_no_deadline_and_never_panics() {
+    bounded("Duration::MAX", Duration::from_secs(20), || {
+        let conn = connect();
+        // A timer that never comes due.
+        let never = conn.call_later(Duration::MAX, |_| panic!("a timer at Duration::MAX ran"));
+        conn.process_data_events(Some(Duration::from_millis(20)))
+            .unwrap();
+        assert!(conn.remove_timeout(never));
+        // process_data_events waits until there is something to dispatch.
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        conn.call_later(Duration::from_millis(50), move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+        conn.process_data_events(Some(Duration::MAX)).unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        // sleep waits "forever": a callback's panic gets it out.
+        let handle = conn.threadsafe_handle();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            handle
+                .add_callback_threadsafe(|_| std::panic::panic_any("wake up"))
+                .unwrap();
+        });
+        let slept =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| conn.sleep(Duration::MAX)));
+        match slept {
+            Err(payload) => assert_eq!(panic_text(&*payload), "wake up"),
+            Ok(outcome) => panic!("sleep(Duration::MAX) returned {outcome:?}"),
+        }
+        // consume() with an inactivity timeout of Duration::MAX.
+        let ch = conn.channel(None).unwrap();
+        let q = temp_queue(&ch);
+        ch.basic_publish("", &q, "x", &BasicProperties::default(), false)
+            .unwrap();
+        let mut it = ch
+            .consume(&q, true, false, FieldTable::new(), Some(Duration::MAX))
+            .unwrap();
+        let m = it
+            .next()
+            .unwrap()
+            .unwrap()
+            .expect("a message, not a timeout");
+        assert_eq!(m.body, b"x");
+        ch.cancel().unwrap();
+        conn.close(200, "done").unwrap();
+    });
+}
+#[test]
+fn after_a_channel_closed_each_error_names_the_call_that_was_refused() {
+    let conn = connect();
+    let ch = conn.channel(None).unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    assert!(matches!(
+        ch.queue_declare(&unique("missing"), passive, FieldTable::new()),
+        Err(Error::ChannelClosedByBroker {
+            reply_code: 404,
+            ..
+        })
+    ));
+    let detail = |r: Result<(), Error>| match r {
+        Err(Error::ChannelWrongState { detail }) => detail,
+        other => panic!("{other:?}"),
+    };
+    let ack = detail(ch.basic_ack(1, false));
+    assert!(ack.contains("basic_ack"), "{ack}");
+    let get = detail(ch.basic_get("q", false).map(drop));
+    assert!(get.contains("basic_get"), "{get}");
+    let publish = detail(ch.basic_publish("", "q", "x", &BasicProperties::default(), false));
+    assert!(publish.contains("basic_publish"), "{publish}");
+    let nack = detail(ch.basic_nack(1, false, true));
+    assert!(nack.contains("basic_nack"), "{nack}");
+    let declare = detail(
+        ch.queue_declare("q", QueueDeclareOptions::default(), FieldTable::new())
+            .map(drop),
+    );
+    assert!(declare.contains("Declare"), "{declare}");
+    conn.close(200, "done").unwrap();
+}
+#[test]
+fn start_consuming_returns_ok_when_a_callback_closes_its_channel() {
+    bounded(
+        "channel close in a callback",
+        Duration::from_secs(20),
+        || {
+            let conn = connect();
+            let ch = conn.channel(None).unwrap();
+            let q = temp_queue(&conn.channel(None).unwrap());
+            ch.basic_publish("", &q, "x", &BasicProperties::default(), false)
+                .unwrap();
+            ch.basic_consume(
+                &q,
+                |c, d| {
+                    c.basic_ack(d.method.delivery_tag, false).unwrap();
+                    c.close(200, "done from the callback").unwrap();
+                },
+                BasicConsumeOptions::default(),
+            )
+            .unwrap();
+            ch.start_consuming()
+                .expect("a close by the client ends the loop: no consumers left");
+            assert!(ch.is_closed());
+            assert!(conn.is_open());
+            conn.close(200, "done").unwrap();
+        },
+    );
+}
+
+#[test]
+fn start_consuming_returns_ok_when_a_callback_closes_the_connection() {
+    bounded(
+        "connection close in a callback",
+        Duration::from_secs(20),
+        || {
+            let conn = connect();
+            let ch = conn.channel(None).unwrap();
+            let q = temp_queue(&ch);
+            ch.basic_publish("", &q, "x", &BasicProperties::default(), false)
+                .unwrap();
+            ch.basic_consume(
+                &q,
+                |c, d| {
+                    c.basic_ack(d.method.delivery_tag, false).unwrap();
+                    c.connection().close(200, "done from the callback").unwrap();
+                },
+                BasicConsumeOptions::default(),
+            )
+            .unwrap();
+            ch.start_consuming()
+                .expect("a close by the client ends the loop: no consumers left");
+            assert!(conn.is_closed());
+        },
+    );
+}
+#[test]
+fn in_confirm_mode_each_return_belongs_to_the_publish_it_returns() {
+    let conn = connect();
+    let ch = conn.channel(None).unwrap();
+    let q = temp_queue(&ch);
+    ch.confirm_delivery().unwrap();
+    let props = BasicProperties::default();
+    let nowhere = unique("nowhere");
+    // An unroutable one in the window, then a routable one confirmed alone.
+    let first = ch
+        .basic_publish_nowait("", &nowhere, "first", &props, true)
+        .unwrap();
+    ch.basic_publish("", &q, "second", &props, true)
+        .expect("a routable publish is not the earlier one's return");
+    let confirms = ch.wait_for_confirms(0).unwrap();
+    assert_eq!(confirms.acked, [first]);
+    let bodies: Vec<&[u8]> = confirms.returned.iter().map(|m| &m.body[..]).collect();
+    assert_eq!(bodies, [b"first"], "the window reports its own return");
+    // Two unroutable ones to the same key: each comes back once.
+    let a = ch
+        .basic_publish_nowait("", &nowhere, "a", &props, true)
+        .unwrap();
+    let b = ch
+        .basic_publish_nowait("", &nowhere, "b", &props, true)
+        .unwrap();
+    let confirms = ch.wait_for_confirms(0).unwrap();
+    assert_eq!(confirms.acked, [a, b]);
+    let bodies: Vec<&[u8]> = confirms.returned.iter().map(|m| &m.body[..]).collect();
+    assert_eq!(bodies, [b"a", b"b"]);
+    // A confirmed publish to that key behind one in the window: each its own.
+    let c = ch
+        .basic_publish_nowait("", &nowhere, "c", &props, true)
+        .unwrap();
+    match ch.basic_publish("", &nowhere, "d", &props, true) {
+        Err(Error::UnroutableError { messages }) => {
+            let bodies: Vec<&[u8]> = messages.iter().map(|m| &m.body[..]).collect();
+            assert_eq!(bodies, [b"d"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let confirms = ch.wait_for_confirms(0).unwrap();
+    assert_eq!(confirms.acked, [c]);
+    let bodies: Vec<&[u8]> = confirms.returned.iter().map(|m| &m.body[..]).collect();
+    assert_eq!(bodies, [b"c"]);
+    conn.close(200, "done").unwrap();
+}

@@ -139,14 +139,10 @@ impl BlockingChannel {
                 detail: format!("channel {} is Closed, cannot {what}", self.key.number),
             });
         };
-        if let Some(e) = face.closed.take() {
-            // Reported once; later calls find the core's wrong state.
-            face.closed = Some(Error::ChannelWrongState {
-                detail: format!("channel {} is Closed, cannot {what}", self.key.number),
-            });
-            return Err(e);
+        match face.closed_error(what) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Runs a command that makes a request, then waits for its reply.
@@ -174,11 +170,7 @@ impl BlockingChannel {
             // wrong state.
             let mut st = self.engine.lock();
             if let Some(face) = st.face(key) {
-                if face.closed.is_some() {
-                    face.closed = Some(Error::ChannelWrongState {
-                        detail: format!("channel {} is Closed", key.number),
-                    });
-                }
+                face.close_reported |= face.closed.is_some();
             }
         }
         reply
@@ -667,23 +659,32 @@ impl BlockingChannel {
 
     /// Processes I/O and dispatches consumer callbacks (and timers, other
     /// threads' closures, …) until this channel has no consumer left —
-    /// [`BlockingChannel::stop_consuming`], or the broker cancelled them.
+    /// [`BlockingChannel::stop_consuming`], the broker cancelled them, or
+    /// this client closed the channel or the connection (e.g. from a
+    /// callback: `Ok`, as in pika, where the close leaves no consumer).
     ///
     /// # Errors
-    /// [`Error::ReentrancyError`] from inside a callback; the connection's
-    /// end; the channel's close.
+    /// [`Error::ReentrancyError`] from inside a callback; the channel's
+    /// or the connection's state when either is not open at the call (as
+    /// pika's `_raise_if_not_open`); the broker's close of the channel or
+    /// the connection, or the connection's loss, during the loop.
     pub fn start_consuming(&self) -> Result<(), Error> {
         if self.engine.lock().in_callback() {
             return Err(Error::ReentrancyError {
                 detail: "start_consuming from inside a callback".into(),
             });
         }
+        self.check_usable("start_consuming")?;
         let conn = self.connection();
         loop {
             {
                 let mut st = self.engine.lock();
-                if let Some(e) = &st.terminal {
-                    return Err(e.clone());
+                match &st.terminal {
+                    // This client closed the connection (a callback did):
+                    // no consumer is left.
+                    Some(Error::ConnectionClosedByClient { .. }) => return Ok(()),
+                    Some(e) => return Err(e.clone()),
+                    None => {}
                 }
                 let Some(face) = st.face(self.key) else {
                     // Closed, and its number taken by a new channel.
@@ -694,14 +695,22 @@ impl BlockingChannel {
                         ),
                     });
                 };
-                if let Some(e) = &face.closed {
-                    return Err(e.clone());
+                if let Some(Error::ChannelClosedByClient { .. }) = face.closed {
+                    // Closed by this client (a callback did): no consumer
+                    // is left. The close was close()'s to report.
+                    return Ok(());
+                }
+                if let Some(e) = face.closed_error("start_consuming") {
+                    return Err(e);
                 }
                 if !face.consumers.iter().any(|c| !c.cancelled) {
                     return Ok(());
                 }
             }
-            conn.process_data_events(None)?;
+            match conn.process_data_events(None) {
+                Ok(()) | Err(Error::ConnectionClosedByClient { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -747,8 +756,9 @@ impl BlockingChannel {
     }
 
     /// Adds a callback (run inside `process_data_events`) for each message
-    /// the broker returns (outside confirm mode; in confirm mode returns
-    /// come back from the publish as [`Error::UnroutableError`]).
+    /// the broker returns (outside confirm mode; in confirm mode a return
+    /// comes back from its own publish as [`Error::UnroutableError`], or in
+    /// [`super::Confirms::returned`] with its confirm).
     pub fn add_on_return_callback(
         &self,
         callback: impl FnMut(&BlockingChannel, &ReturnedMessage) + Send + 'static,
@@ -779,15 +789,12 @@ impl BlockingChannel {
         let closed = self
             .engine
             .wait(None, |st| st.face(key).and_then(|f| f.closed.clone()))?;
+        // This call reports the close, whoever closed it first.
+        if let Some(face) = self.engine.lock().face(key) {
+            face.close_reported = true;
+        }
         match closed {
-            Some(Error::ChannelClosedByClient { .. }) | None => {
-                if let Some(face) = self.engine.lock().face(key) {
-                    face.closed = Some(Error::ChannelWrongState {
-                        detail: format!("channel {} is Closed", key.number),
-                    });
-                }
-                Ok(())
-            }
+            Some(Error::ChannelClosedByClient { .. }) | None => Ok(()),
             Some(other) => Err(other),
         }
     }
@@ -807,9 +814,10 @@ impl BlockingChannel {
         self.usable(&mut st, what)
     }
 
-    /// A deadline for waits, from an optional timeout.
+    /// A deadline for waits, from an optional timeout; none for a timeout
+    /// beyond the clock's range (`Duration::MAX`).
     pub(super) fn deadline(timeout: Option<std::time::Duration>) -> Option<Instant> {
-        timeout.map(|t| Instant::now() + t)
+        timeout.and_then(|t| Instant::now().checked_add(t))
     }
 }
 

@@ -333,7 +333,8 @@ impl BlockingConnection {
     /// timers, closures from other threads, blocked/unblocked, broker
     /// cancels and returns. With `None` it waits until there is something
     /// to dispatch; with a limit it waits at most that long (zero: look
-    /// once, without waiting). Called from inside a callback it processes
+    /// once, without waiting; beyond the clock's range, e.g.
+    /// `Duration::MAX`: as `None`). Called from inside a callback it processes
     /// I/O but dispatches nothing (as pika): for the whole time limit, or
     /// with `None` until the next frame arrives (a heartbeat at the latest).
     /// So does it on another thread while one is dispatching: one thread at
@@ -343,25 +344,17 @@ impl BlockingConnection {
     /// The connection's end.
     pub fn process_data_events(&self, time_limit: Option<Duration>) -> Result<(), Error> {
         let start = Instant::now();
-        let limit = time_limit.map(|t| start + t);
+        // A limit beyond the clock's range (`Duration::MAX`) is no limit.
+        let limit = time_limit.and_then(|t| start.checked_add(t));
         // Inside a callback, or while another thread dispatches: I/O only.
         let inside_callback = !self.engine.lock().may_dispatch();
         if !inside_callback && self.has_dispatch() {
             self.dispatch_all();
             return self.ended();
         }
-        let engine = self.engine.clone();
-        let jobs_pending = move || {
-            !engine
-                .jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .callbacks
-                .is_empty()
-        };
         if time_limit == Some(Duration::ZERO) {
             self.engine.poll_once()?;
-        } else if inside_callback && limit.is_some() {
+        } else if inside_callback && time_limit.is_some() {
             // Nothing is dispatched inside a callback, so what is queued
             // (or arrives) cannot end the wait: drive I/O, heartbeats
             // included, for the whole time limit. (Waiting for "something
@@ -378,19 +371,7 @@ impl BlockingConnection {
             self.engine
                 .wait(None, |st| (st.frames_in != before).then_some(()))?;
         } else {
-            loop {
-                let next_timer = self.engine.lock().timers.iter().map(|t| t.due).min();
-                let deadline = [limit, next_timer].into_iter().flatten().min();
-                let found = self.engine.wait(deadline, |st| {
-                    (st.has_dispatch(Instant::now()) || jobs_pending()).then_some(())
-                })?;
-                if found.is_some() || limit.is_some_and(|l| Instant::now() >= l) {
-                    break;
-                }
-                if self.has_dispatch() {
-                    break;
-                }
-            }
+            self.engine.wait_dispatchable(limit, |_| None::<()>)?;
         }
         if !inside_callback {
             self.dispatch_all();
@@ -408,12 +389,18 @@ impl BlockingConnection {
     }
 
     /// Waits `duration` while processing I/O and dispatching callbacks
-    /// (heartbeats keep flowing), as pika's `sleep`.
+    /// (heartbeats keep flowing), as pika's `sleep`. A duration beyond the
+    /// clock's range (`Duration::MAX`) sleeps until the connection ends.
     ///
     /// # Errors
     /// The connection's end.
     pub fn sleep(&self, duration: Duration) -> Result<(), Error> {
-        let deadline = Instant::now() + duration;
+        // Beyond the clock's range (`Duration::MAX`): for ever.
+        let Some(deadline) = Instant::now().checked_add(duration) else {
+            loop {
+                self.process_data_events(None)?;
+            }
+        };
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -424,7 +411,8 @@ impl BlockingConnection {
     }
 
     /// Calls `callback` once, at least `delay` from now, from inside
-    /// `process_data_events` (pika's `call_later`).
+    /// `process_data_events` (pika's `call_later`). A delay beyond the
+    /// clock's range (`Duration::MAX`) never comes due.
     pub fn call_later(
         &self,
         delay: Duration,
@@ -435,7 +423,7 @@ impl BlockingConnection {
         st.next_timer += 1;
         st.timers.push(Timer {
             id,
-            due: Instant::now() + delay,
+            due: Instant::now().checked_add(delay),
             callback: Box::new(callback),
         });
         drop(st);
@@ -555,7 +543,7 @@ impl BlockingConnection {
                 st.timers
                     .iter()
                     .enumerate()
-                    .filter(|(_, t)| t.due <= now)
+                    .filter(|(_, t)| t.due.is_some_and(|d| d <= now))
                     .min_by_key(|(_, t)| t.due)
                     .map(|(i, _)| i)
                     .map(|i| st.timers.remove(i))
@@ -756,7 +744,9 @@ fn attempt(
     let config = Config {
         epoch: crate::ack::next_epoch(),
         first_request_id: 1,
-        handshake_deadline: params.stack_timeout().map(|t| (started + t, t)),
+        handshake_deadline: params
+            .stack_timeout()
+            .and_then(|t| Some((started.checked_add(t)?, t))),
         peer: address.to_string(),
     };
     let core = protocol::Connection::new(params.clone(), config, Instant::now());
@@ -790,8 +780,13 @@ fn wait_connected(
             .add(tcp, polling::Event::writable(0))
             .map_err(|e| Error::IoLoop(Arc::new(e)))?;
     }
-    let socket_deadline = params.socket_timeout().map(|t| (started + t, t, true));
-    let stack_deadline = params.stack_timeout().map(|t| (started + t, t, false));
+    // A bound beyond the clock's range (`Duration::MAX`) is no bound.
+    let socket_deadline = params
+        .socket_timeout()
+        .and_then(|t| Some((started.checked_add(t)?, t, true)));
+    let stack_deadline = params
+        .stack_timeout()
+        .and_then(|t| Some((started.checked_add(t)?, t, false)));
     let deadline = [socket_deadline, stack_deadline]
         .into_iter()
         .flatten()

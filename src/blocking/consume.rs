@@ -6,7 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::channel::BlockingChannel;
-use super::engine::Generator;
+use super::engine::{Generator, State, Waited};
 use crate::error::Error;
 use crate::message::Delivery;
 use crate::protocol::Reply;
@@ -17,6 +17,16 @@ use crate::table::FieldTable;
 /// `Ok(None)` when the inactivity timeout passed with nothing, or the
 /// error that ended the channel or connection; iteration ends when the
 /// consumer is cancelled (by [`BlockingChannel::cancel`] or the broker).
+///
+/// While [`Iterator::next`] waits for a message it dispatches everything
+/// else that is due, as [`BlockingConnection::process_data_events`] does
+/// (pika's generator waits in it): timers, closures from other threads
+/// (e.g. their acks), other consumers' deliveries, returns, cancels. Its
+/// own consumer's messages are not dispatched but yielded. A callback's
+/// panic propagates out of `next`. Inside a callback (or while another
+/// thread dispatches) it only waits.
+///
+/// [`BlockingConnection::process_data_events`]: super::BlockingConnection::process_data_events
 pub struct ConsumeIter<'a> {
     channel: &'a BlockingChannel,
     inactivity_timeout: Option<Duration>,
@@ -48,7 +58,7 @@ impl Iterator for ConsumeIter<'_> {
             Ended,
             Closed(Error),
         }
-        let next = engine.wait(deadline, |st| {
+        let own = |st: &mut State| {
             let terminal = st.terminal.clone();
             let Some(face) = st.face(key) else {
                 // Closed, and its number taken by a new channel.
@@ -66,13 +76,29 @@ impl Iterator for ConsumeIter<'_> {
             }
             if g.ended {
                 face.generator = None;
-                return Some(match face.closed.clone().or(terminal) {
+                return Some(match face.closed_error("consume").or(terminal) {
                     Some(e) => Next::Closed(e),
                     None => Next::Ended,
                 });
             }
             None
-        });
+        };
+        // While it waits for its next message, what else is due is
+        // dispatched, as pika's generator (which waits in
+        // process_data_events) does: timers, other threads' closures, other
+        // consumers' deliveries. Not from inside a callback, nor while
+        // another thread dispatches: then it only waits.
+        let next = loop {
+            if !engine.lock().may_dispatch() {
+                break engine.wait(deadline, own);
+            }
+            match engine.wait_dispatchable(deadline, own) {
+                Ok(Waited::Own(next)) => break Ok(Some(next)),
+                Ok(Waited::TimedOut) => break Ok(None),
+                Ok(Waited::Dispatch) => self.channel.connection().dispatch_all(),
+                Err(e) => break Err(e),
+            }
+        };
         match next {
             Ok(Some(Next::Message(d))) => Some(Ok(Some(*d))),
             Ok(Some(Next::Ended)) => {
@@ -92,7 +118,9 @@ impl BlockingChannel {
     /// pika's `consume` generator: starts a consumer on `queue` (or
     /// resumes this channel's, when `queue`, `auto_ack` and `exclusive`
     /// match) and iterates its messages. `inactivity_timeout`: yield
-    /// `Ok(None)` after that long without a message (`None`: wait).
+    /// `Ok(None)` after that long without a message (`None`: wait). While
+    /// the iterator waits, other callbacks are dispatched (see
+    /// [`ConsumeIter`]).
     ///
     /// ```no_run
     /// # fn demo(channel: &pika::BlockingChannel) -> Result<(), pika::Error> {

@@ -99,6 +99,16 @@ pub(super) enum Dispatch {
     Unblocked(connection::Unblocked),
 }
 
+/// How [`Engine::wait_dispatchable`] ended.
+pub(super) enum Waited<T> {
+    /// The caller's own condition gave this.
+    Own(T),
+    /// There is something to dispatch.
+    Dispatch,
+    /// The time limit passed.
+    TimedOut,
+}
+
 /// A consumer with a callback.
 pub(super) struct ConsumerFace {
     pub(super) id: ConsumerId,
@@ -139,8 +149,10 @@ pub(super) enum Outcome {
 /// The face's side of one channel.
 pub(super) struct ChannelFace {
     pub(super) key: ChannelKey,
-    /// Why it closed.
+    /// Why it closed (kept as it was: see [`ChannelFace::closed_error`]).
     pub(super) closed: Option<Error>,
+    /// A call has reported `closed`: later calls get the wrong state.
+    pub(super) close_reported: bool,
     pub(super) consumers: Vec<ConsumerFace>,
     pub(super) on_cancel: Vec<OnCancel>,
     pub(super) on_return: Vec<OnReturn>,
@@ -149,18 +161,34 @@ pub(super) struct ChannelFace {
     pub(super) outcomes: HashMap<u64, Outcome>,
     /// Publishes in confirm mode whose outcome is not collected yet.
     pub(super) unconfirmed: usize,
-    /// Messages returned in confirm mode, not yet collected.
-    pub(super) returned: Vec<ReturnedMessage>,
+    /// Messages returned in confirm mode, not yet collected, with the
+    /// delivery tag of the publish each returns.
+    pub(super) returned: Vec<(u64, ReturnedMessage)>,
     /// Auto-acked messages that crossed a cancel of ours.
     pub(super) after_cancel: Vec<Delivery>,
     pub(super) generator: Option<Generator>,
 }
 
 impl ChannelFace {
+    /// The error of a call (`what`) refused because the channel closed:
+    /// why it closed for the first call that observes it, then the wrong
+    /// state, naming each call. `None` while open.
+    pub(super) fn closed_error(&mut self, what: &str) -> Option<Error> {
+        let why = self.closed.as_ref()?;
+        if std::mem::replace(&mut self.close_reported, true) {
+            Some(Error::ChannelWrongState {
+                detail: format!("channel {} is Closed, cannot {what}", self.key.number),
+            })
+        } else {
+            Some(why.clone())
+        }
+    }
+
     pub(super) fn new(key: ChannelKey) -> ChannelFace {
         ChannelFace {
             key,
             closed: None,
+            close_reported: false,
             consumers: Vec::new(),
             on_cancel: Vec::new(),
             on_return: Vec::new(),
@@ -177,7 +205,9 @@ impl ChannelFace {
 /// A timer of [`super::BlockingConnection::call_later`].
 pub(super) struct Timer {
     pub(super) id: u64,
-    pub(super) due: Instant,
+    /// `None`: never (a delay too long for the clock, e.g.
+    /// `Duration::MAX`).
+    pub(super) due: Option<Instant>,
     pub(super) callback: ConnCallback,
 }
 
@@ -250,7 +280,7 @@ impl State {
     /// Whether there is something for `process_data_events` to dispatch
     /// at `now`.
     pub(super) fn has_dispatch(&self, now: Instant) -> bool {
-        !self.dispatch.is_empty() || self.timers.iter().any(|t| t.due <= now)
+        !self.dispatch.is_empty() || self.timers.iter().any(|t| t.due.is_some_and(|d| d <= now))
     }
 }
 
@@ -449,6 +479,15 @@ impl Engine {
                 return Ok(None);
             }
             if st.driving {
+                // Another thread sleeps in the poller. What this thread
+                // queued (the request it waits for the answer to) is its
+                // to write: without write interest nothing wakes it but a
+                // read — the next heartbeat, or never with heartbeats off.
+                // (With write interest, writability wakes it; a notify
+                // then would only make it spin while the socket is full.)
+                if !st.core.outbound().is_empty() && !st.write_interest {
+                    self.notify();
+                }
                 let bound = deadline
                     .map_or(Duration::from_millis(50), |d| d - now)
                     .min(Duration::from_millis(50));
@@ -460,6 +499,43 @@ impl Engine {
                 continue;
             }
             st = self.turn_once(st, deadline);
+        }
+    }
+
+    /// Waits (driving I/O) until there is something for
+    /// `process_data_events` to dispatch — a queued event, a due timer, a
+    /// closure from another thread — or `own` gives a value, or `limit`
+    /// passes. The wait ends at the earliest timer's due time, and again
+    /// when another thread adds an earlier one.
+    ///
+    /// # Errors
+    /// The connection's end (unless `own` takes it first).
+    pub(super) fn wait_dispatchable<T>(
+        &self,
+        limit: Option<Instant>,
+        mut own: impl FnMut(&mut State) -> Option<T>,
+    ) -> Result<Waited<T>, Error> {
+        loop {
+            let next_timer = self.lock().timers.iter().filter_map(|t| t.due).min();
+            let deadline = [limit, next_timer].into_iter().flatten().min();
+            let found = self.wait(deadline, |st| {
+                if let Some(value) = own(st) {
+                    return Some(Some(Waited::Own(value)));
+                }
+                if st.has_dispatch(Instant::now()) || !lock(&self.jobs).callbacks.is_empty() {
+                    return Some(Some(Waited::Dispatch));
+                }
+                // A timer added meanwhile: wait again, until the new earliest.
+                let earliest = st.timers.iter().filter_map(|t| t.due).min();
+                (earliest != next_timer).then_some(None)
+            })?;
+            match found {
+                Some(Some(waited)) => return Ok(waited),
+                Some(None) => {}
+                None if limit.is_some_and(|l| Instant::now() >= l) => return Ok(Waited::TimedOut),
+                // The earliest timer came due: the next look finds it.
+                None => {}
+            }
         }
     }
 
@@ -745,8 +821,14 @@ fn route_event(st: &mut State, event: Event) {
                 face.after_cancel.push(delivery);
             }
         }
-        Event::Returned { channel, message } => match st.face(channel) {
-            Some(face) if face.confirm_mode => face.returned.push(message),
+        Event::Returned {
+            channel,
+            message,
+            delivery_tag,
+        } => match (st.face(channel), delivery_tag) {
+            // In confirm mode: for the publish it returns (its
+            // basic_publish, or wait_for_confirms with its outcome).
+            (Some(face), Some(tag)) => face.returned.push((tag, message)),
             _ => st
                 .dispatch
                 .push_back(Dispatch::Returned { channel, message }),

@@ -25,8 +25,9 @@
 //! socket. Consumer callbacks, timers, thread-safe callbacks and the
 //! blocked/unblocked, cancel and return callbacks run only inside
 //! [`BlockingConnection::process_data_events`] (and so inside
-//! [`BlockingConnection::sleep`] and [`BlockingChannel::start_consuming`]),
-//! as in pika: what arrives during any other call is queued and dispatched
+//! [`BlockingConnection::sleep`], [`BlockingChannel::start_consuming`] and
+//! the [`ConsumeIter`] of [`BlockingChannel::consume`] while it waits for a
+//! message), as in pika: what arrives during any other call is queued and dispatched
 //! later, in order. Inside a callback every method works, except
 //! `start_consuming` ([`Error::ReentrancyError`](crate::Error::ReentrancyError)).
 //! When several threads share one connection (through

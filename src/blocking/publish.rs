@@ -23,8 +23,11 @@ pub struct Confirms {
     /// Delivery tags left unconfirmed when the channel ended: their fate is
     /// unknown, and the channel is closed (the next call says why).
     pub failed: Vec<u64>,
-    /// Mandatory messages the broker returned as unroutable meanwhile (each
-    /// is also acked).
+    /// The mandatory messages among those collected here that the broker
+    /// returned as unroutable (each is also acked), in the order they came
+    /// back. A return belongs to the publish it returns (see
+    /// [`crate::protocol::Event::Returned`]): it is reported with that
+    /// publish's confirm, never by another publish.
     pub returned: Vec<ReturnedMessage>,
 }
 
@@ -63,7 +66,7 @@ impl BlockingChannel {
                 };
                 let outcome = face.outcomes.remove(&tag)?;
                 face.unconfirmed -= 1;
-                Some((outcome, std::mem::take(&mut face.returned)))
+                Some((outcome, take_returned(face, |t| t == tag)))
             })?
             .unwrap_or((Outcome::Failed, Vec::new()));
         match outcome {
@@ -156,7 +159,7 @@ impl BlockingChannel {
             let ended = terminal || face.closed.is_some();
             if !ended || !face.outcomes.is_empty() || !face.returned.is_empty() {
                 let pending = face.unconfirmed - face.outcomes.len();
-                return (pending <= max_outstanding || ended).then(|| Ok(collect(face)));
+                return (pending <= max_outstanding || ended).then(|| Ok(collect(face, ended)));
             }
             // Nothing left to report but the end itself.
             Some(
@@ -191,9 +194,24 @@ impl BlockingChannel {
     }
 }
 
-/// Collects a channel's confirm outcomes (and returns) since the last
-/// collection.
-fn collect(face: &mut ChannelFace) -> Confirms {
+/// Takes the returned messages of the publishes `of` selects by delivery
+/// tag, in the order they came back.
+fn take_returned(face: &mut ChannelFace, of: impl Fn(u64) -> bool) -> Vec<ReturnedMessage> {
+    if face.returned.is_empty() {
+        return Vec::new();
+    }
+    let (taken, kept) = std::mem::take(&mut face.returned)
+        .into_iter()
+        .partition(|(tag, _)| of(*tag));
+    face.returned = kept;
+    taken.into_iter().map(|(_, message)| message).collect()
+}
+
+/// Collects a channel's confirm outcomes since the last collection, with
+/// the returns of those publishes (a return comes before its publish's
+/// confirm: one whose confirm has not come yet waits for it). Once the
+/// channel `ended`, every return left.
+fn collect(face: &mut ChannelFace, ended: bool) -> Confirms {
     let mut confirms = Confirms::default();
     for (tag, outcome) in face.outcomes.drain() {
         match outcome {
@@ -206,6 +224,11 @@ fn collect(face: &mut ChannelFace) -> Confirms {
     confirms.acked.sort_unstable();
     confirms.nacked.sort_unstable();
     confirms.failed.sort_unstable();
-    confirms.returned = std::mem::take(&mut face.returned);
+    confirms.returned = take_returned(face, |tag| {
+        ended
+            || confirms.acked.binary_search(&tag).is_ok()
+            || confirms.nacked.binary_search(&tag).is_ok()
+            || confirms.failed.binary_search(&tag).is_ok()
+    });
     confirms
 }

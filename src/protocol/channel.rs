@@ -88,6 +88,48 @@ pub(super) struct Confirms {
     pub(super) next_tag: u64,
     /// Unconfirmed delivery tags, ascending (tags only grow).
     pub(super) unconfirmed: VecDeque<u64>,
+    /// The unconfirmed mandatory publishes, ascending by tag: what a
+    /// Basic.Return (which carries no delivery tag) is matched against.
+    /// Each leaves when confirmed (or with the channel), so this is
+    /// bounded by the unconfirmed window.
+    pub(super) mandatory: VecDeque<MandatoryPublish>,
+}
+
+/// A mandatory publish in confirm mode, until its confirm.
+#[derive(Debug)]
+pub(super) struct MandatoryPublish {
+    pub(super) delivery_tag: u64,
+    pub(super) exchange: String,
+    pub(super) routing_key: String,
+    /// A Basic.Return was matched to it.
+    pub(super) returned: bool,
+}
+
+impl Confirms {
+    /// The delivery tag of the publish a Basic.Return for `exchange` and
+    /// `routing_key` returns: RabbitMQ handles a channel's publishes in
+    /// order and sends a publish's Return before its Ack, so it is the
+    /// oldest unconfirmed mandatory publish with that exchange and routing
+    /// key not yet returned. Marks it returned.
+    pub(super) fn match_return(&mut self, exchange: &str, routing_key: &str) -> Option<u64> {
+        let publish = self
+            .mandatory
+            .iter_mut()
+            .find(|m| !m.returned && m.exchange == exchange && m.routing_key == routing_key)?;
+        publish.returned = true;
+        Some(publish.delivery_tag)
+    }
+
+    /// Forgets the mandatory publishes among `settled` (ascending).
+    pub(super) fn settle_mandatory(&mut self, settled: &[u64]) {
+        let (Some(first), Some(&last)) = (self.mandatory.front(), settled.last()) else {
+            return;
+        };
+        if first.delivery_tag <= last {
+            self.mandatory
+                .retain(|m| settled.binary_search(&m.delivery_tag).is_err());
+        }
+    }
 }
 
 /// One channel's state.

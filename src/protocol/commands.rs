@@ -6,8 +6,8 @@
 use std::collections::VecDeque;
 
 use super::channel::{
-    ChannelState, Confirms, Consumer, Kind, Pending, RECENTLY_CANCELLED, special_command,
-    unknown_channel,
+    ChannelState, Confirms, Consumer, Kind, MandatoryPublish, Pending, RECENTLY_CANCELLED,
+    special_command, unknown_channel,
 };
 use super::event::{ChannelKey, ConsumerId, Event, RequestId};
 use super::{Connection, Phase, truncate_short};
@@ -293,6 +293,14 @@ impl Connection {
             let tag = c.next_tag;
             c.next_tag += 1;
             c.unconfirmed.push_back(tag);
+            if mandatory {
+                c.mandatory.push_back(MandatoryPublish {
+                    delivery_tag: tag,
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                    returned: false,
+                });
+            }
             tag
         });
         if slot.unsent > 0 {
@@ -476,6 +484,7 @@ impl Connection {
             slot.confirms = Some(Confirms {
                 next_tag: 1,
                 unconfirmed: VecDeque::new(),
+                mandatory: VecDeque::new(),
             });
         }
         Ok(request)

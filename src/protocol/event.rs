@@ -103,6 +103,13 @@ pub enum Event {
         channel: ChannelKey,
         /// The message.
         message: ReturnedMessage,
+        /// In confirm mode, the delivery tag of the publish it returns (a
+        /// Basic.Return carries none): the oldest unconfirmed mandatory
+        /// publish with the same exchange and routing key not yet returned
+        /// — RabbitMQ handles a channel's publishes in order and returns a
+        /// message before it acks it. `None` outside confirm mode (or for
+        /// a Return that matches no such publish).
+        delivery_tag: Option<u64>,
     },
     /// Publisher confirms settled one or more delivery tags.
     Confirm {

@@ -245,6 +245,7 @@ impl Connection {
                 Err(_) => Vec::new(),
             }
         };
+        confirms.settle_mandatory(&settled);
         let confirmation = if ack {
             Confirmation::Ack {
                 delivery_tag: tag,
@@ -361,13 +362,18 @@ impl Connection {
         }
     }
 
-    /// A returned message, for the face's return callbacks.
+    /// A returned message, for the face's return callbacks; in confirm
+    /// mode with the delivery tag of the publish it returns.
     pub(super) fn on_returned(&mut self, number: u16, message: crate::message::ReturnedMessage) {
         if let Some(slot) = self.slot_by_number(number) {
             let key = slot.key;
+            let delivery_tag = slot.confirms.as_mut().and_then(|c| {
+                c.match_return(&message.method.exchange, &message.method.routing_key)
+            });
             self.events.push_back(Event::Returned {
                 channel: key,
                 message,
+                delivery_tag,
             });
         }
     }

@@ -1576,3 +1576,55 @@ fn partial_writes_of_a_large_buffer_send_every_byte_once_in_order() {
     );
     assert!(p.core.outbound().is_empty());
 }
+
+#[test]
+fn in_confirm_mode_a_return_names_the_oldest_unreturned_mandatory_publish_to_its_key() {
+    let mut p = Pair::open();
+    let key = p.channel();
+    p.core.confirm_select(key).unwrap();
+    p.feed(key.number, confirm::SelectOk {});
+    p.events();
+    let props = BasicProperties::default();
+    let publish = |p: &mut Pair, rk: &str, mandatory: bool| {
+        p.core
+            .publish(key, "", rk, mandatory, &props, b"m")
+            .unwrap()
+            .unwrap()
+    };
+    let a = publish(&mut p, "nowhere", true);
+    let _routable = publish(&mut p, "q", true);
+    let _not_mandatory = publish(&mut p, "nowhere", false);
+    let b = publish(&mut p, "nowhere", true);
+    let returned = |rk: &str| basic::Return {
+        reply_code: 312,
+        reply_text: "NO_ROUTE".into(),
+        exchange: String::new(),
+        routing_key: rk.into(),
+    };
+    let returned_tags = |p: &mut Pair| -> Vec<Option<u64>> {
+        p.feed_message(key.number, returned("nowhere"), b"m");
+        p.events()
+            .into_iter()
+            .map(|e| match e {
+                Event::Returned { delivery_tag, .. } => delivery_tag,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(returned_tags(&mut p), [Some(a)]);
+    assert_eq!(returned_tags(&mut p), [Some(b)]);
+    // Every mandatory publish to that key has its return: a third matches
+    // none.
+    assert_eq!(returned_tags(&mut p), [None]);
+    // Confirmed publishes are forgotten: nothing is kept for them.
+    p.feed(
+        key.number,
+        basic::Ack {
+            delivery_tag: b,
+            multiple: true,
+        },
+    );
+    p.events();
+    let slot = p.core.slot(key).unwrap();
+    assert!(slot.confirms.as_ref().unwrap().mandatory.is_empty());
+}

@@ -99,7 +99,9 @@ impl SelectConnection {
                     delivery.method.delivery_tag
                 );
             }
-            Event::Returned { channel, message } => {
+            Event::Returned {
+                channel, message, ..
+            } => {
                 let ch = self.channel_handle(channel);
                 let none = self.run_channel_callbacks(
                     channel,
