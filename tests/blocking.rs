@@ -1454,8 +1454,26 @@ fn duration_max_means_no_deadline_and_never_panics() {
         assert_eq!(m.body, b"x");
         ch.cancel().unwrap();
         conn.close(200, "done").unwrap();
+        // The connection's own bounds at Duration::MAX: connect, handshake
+        // and the close handshake (bounded by socket_timeout) run without
+        // a deadline.
+        let mut params = broker_params();
+        params
+            .set_socket_timeout(Duration::MAX)
+            .unwrap()
+            .set_stack_timeout(Duration::MAX)
+            .unwrap()
+            .set_blocked_connection_timeout(Duration::MAX)
+            .unwrap();
+        let conn = BlockingConnection::new(params).unwrap();
+        let ch = conn.channel(None).unwrap();
+        temp_queue(&ch);
+        ch.close(200, "done").unwrap();
+        conn.close(200, "done").unwrap();
+        assert!(conn.is_closed());
     });
 }
+
 #[test]
 fn after_a_channel_closed_each_error_names_the_call_that_was_refused() {
     let conn = connect();

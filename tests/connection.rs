@@ -704,3 +704,39 @@ fn erase_on_connect_wipes_the_password_once_it_was_sent() {
         "{after:?}"
     );
 }
+
+#[test]
+fn timeouts_beyond_the_clocks_range_mean_no_deadline_and_never_panic() {
+    // Duration::MAX as socket, stack and blocked-connection timeout: the
+    // connect, the handshake and the close handshake (bounded by the
+    // socket timeout) run without a deadline instead of overflowing the
+    // clock.
+    let mut params = broker_params();
+    params
+        .set_socket_timeout(Duration::MAX)
+        .unwrap()
+        .set_stack_timeout(Duration::MAX)
+        .unwrap()
+        .set_blocked_connection_timeout(Duration::MAX)
+        .unwrap();
+    let (conn, outcome) = connect(params, |conn| {
+        conn.channel(None, |ch| {
+            let ch = ch.unwrap();
+            ch.connection().unwrap().close(200, "bye").unwrap();
+        })
+        .unwrap();
+    });
+    run_loop(conn.ioloop(), LIMIT);
+    assert_eq!(outcome.opened.get(), 1);
+    let closes = outcome.closes.borrow();
+    assert!(
+        matches!(
+            closes.as_slice(),
+            [Error::ConnectionClosedByClient {
+                reply_code: 200,
+                ..
+            }]
+        ),
+        "{closes:?}"
+    );
+}

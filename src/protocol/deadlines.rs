@@ -34,7 +34,8 @@ impl Connection {
         let since = self.blocked_since?;
         self.params
             .blocked_connection_timeout()
-            .map(|bound| since + bound)
+            // Beyond the clock's range (Duration::MAX): no deadline.
+            .and_then(|bound| since.checked_add(bound))
     }
 
     fn handshake_deadline(&self) -> Option<Instant> {

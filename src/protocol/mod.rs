@@ -426,7 +426,8 @@ impl Connection {
             .params
             .socket_timeout()
             .unwrap_or(DEFAULT_CLOSE_TIMEOUT);
-        self.close_deadline = Some(now + bound);
+        // Beyond the clock's range (Duration::MAX): no bound.
+        self.close_deadline = now.checked_add(bound);
         for key in self.channel_keys() {
             if matches!(
                 self.channel_phase(key),

@@ -1393,6 +1393,23 @@ fn update_secret_is_answered_in_order() {
 }
 
 #[test]
+fn a_blocked_timeout_or_close_bound_beyond_the_clocks_range_is_no_deadline() {
+    let mut params = ConnectionParameters::default();
+    params
+        .set_blocked_connection_timeout(Some(Duration::MAX))
+        .unwrap()
+        .set_socket_timeout(Duration::MAX)
+        .unwrap();
+    params.set_heartbeat(Heartbeat::Disabled);
+    let mut p = Pair::open_with(params, rabbit_tune());
+    p.feed(0, connection::Blocked { reason: "x".into() });
+    assert!(matches!(p.events().as_slice(), [Event::Blocked(_)]));
+    assert_eq!(p.core.poll_timeout(), None);
+    p.core.close(200, "bye", p.now).unwrap();
+    assert_eq!(p.core.poll_timeout(), None);
+}
+
+#[test]
 fn blocked_counts_towards_its_timeout_and_unblocked_stops_it() {
     let mut params = ConnectionParameters::default();
     params

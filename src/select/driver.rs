@@ -311,7 +311,9 @@ impl SelectConnection {
             let st = &mut *st;
             let params = st.params.clone();
             let Some(s) = st.session.as_mut() else { return };
-            let handshake_deadline = params.stack_timeout().map(|t| (s.started + t, t));
+            let handshake_deadline = params
+                .stack_timeout()
+                .and_then(|t| Some((s.started.checked_add(t)?, t)));
             let epoch = crate::ack::next_epoch();
             self.shared.door.set_epoch(epoch);
             let config = Config {
@@ -558,8 +560,15 @@ impl SelectConnection {
         let s = st.session.as_ref()?;
         s.stream.as_ref()?;
         if !s.connected {
-            let socket = st.params.socket_timeout().map(|t| s.started + t);
-            let stack = st.params.stack_timeout().map(|t| s.started + t);
+            // Beyond the clock's range (Duration::MAX): no deadline.
+            let socket = st
+                .params
+                .socket_timeout()
+                .and_then(|t| s.started.checked_add(t));
+            let stack = st
+                .params
+                .stack_timeout()
+                .and_then(|t| s.started.checked_add(t));
             return socket.into_iter().chain(stack).min();
         }
         s.core.as_ref().and_then(protocol::Connection::poll_timeout)
@@ -612,8 +621,12 @@ impl SelectConnection {
             }
             if !s.connected {
                 match (params.socket_timeout(), params.stack_timeout()) {
-                    (Some(t), _) if now >= s.started + t => Due::Socket(t),
-                    (_, Some(t)) if now >= s.started + t => Due::Stack(t),
+                    (Some(t), _) if s.started.checked_add(t).is_some_and(|d| now >= d) => {
+                        Due::Socket(t)
+                    }
+                    (_, Some(t)) if s.started.checked_add(t).is_some_and(|d| now >= d) => {
+                        Due::Stack(t)
+                    }
                     _ => Due::Nothing,
                 }
             } else {
