@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{broker_connection_info, broker_params, rabbitmqctl};
+use common::{bounded, broker_connection_info, broker_params, rabbitmqctl};
 use pika::{
     BasicConsumeOptions, BasicProperties, BlockingChannel, BlockingConnection, Delivery, Error,
     ExchangeDeclareOptions, FieldTable, Heartbeat, QueueDeclareOptions, QueueDeleteOptions,
@@ -1157,37 +1157,6 @@ fn two_threads_consuming_on_one_connection_never_run_callbacks_at_once() {
 // Regressions: defects found by black-box testing
 // ----------------------------------------------------------------------
 
-/// Runs `f` on a thread of its own and returns what it returns, failing
-/// the test naming `what` when it takes longer than `bound` (a hang is a
-/// failure, not a stuck test binary; the thread is left behind). A panic
-/// in `f` is the test's panic.
-fn bounded<T: Send + 'static>(
-    what: &str,
-    bound: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let handle = std::thread::Builder::new()
-        .name(format!("client: {what}"))
-        .spawn(move || {
-            let _ = tx.send(f());
-        })
-        .expect("spawn the client thread");
-    match rx.recv_timeout(bound) {
-        Ok(value) => {
-            let _ = handle.join();
-            value
-        }
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: did not finish within {bound:?} (a hang)")
-        }
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
-            Err(payload) => std::panic::resume_unwind(payload),
-            Ok(()) => unreachable!("the client thread ended without a result"),
-        },
-    }
-}
-
 #[test]
 fn requests_from_a_second_thread_complete_while_the_main_thread_is_in_start_consuming() {
     // Without heartbeats nothing else wakes the thread that sleeps in the
@@ -1267,6 +1236,7 @@ fn requests_from_a_second_thread_complete_while_the_main_thread_is_in_start_cons
         },
     );
 }
+
 #[test]
 fn the_consume_iterator_runs_acks_from_worker_threads_while_it_waits() {
     // The seed's threaded-ack pattern with consume(): prefetch 1, so each
@@ -1508,6 +1478,7 @@ fn after_a_channel_closed_each_error_names_the_call_that_was_refused() {
     assert!(declare.contains("Declare"), "{declare}");
     conn.close(200, "done").unwrap();
 }
+
 #[test]
 fn start_consuming_returns_ok_when_a_callback_closes_its_channel() {
     bounded(
@@ -1563,6 +1534,7 @@ fn start_consuming_returns_ok_when_a_callback_closes_the_connection() {
         },
     );
 }
+
 #[test]
 fn in_confirm_mode_each_return_belongs_to_the_publish_it_returns() {
     let conn = connect();

@@ -40,9 +40,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use common::broker_params;
 use common::fake_broker::{FakeBroker, FakeConn, OwnedFrame, decode_frames, rabbitmq_tune};
 use common::proxy::{Direction, Proxy};
+use common::{bounded, broker_params};
 use pika::frame::{encode_body, encode_method};
 use pika::spec::{Method, basic, channel, confirm, connection, queue};
 use pika::{
@@ -63,36 +63,6 @@ const DEAD_AFTER: Duration = Duration::from_secs(2);
 // ----------------------------------------------------------------------
 // Helpers
 // ----------------------------------------------------------------------
-
-/// Runs `f` on a thread of its own and returns what it returns, failing
-/// the test naming `what` when it takes longer than `bound` (the thread is
-/// then left behind). A panic in `f` is the test's panic.
-fn bounded<T: Send + 'static>(
-    what: &str,
-    bound: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    let handle = std::thread::Builder::new()
-        .name(format!("client: {what}"))
-        .spawn(move || {
-            let _ = tx.send(f());
-        })
-        .expect("spawn the client thread");
-    match rx.recv_timeout(bound) {
-        Ok(value) => {
-            let _ = handle.join();
-            value
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: the client did not finish within {bound:?} (a hang)")
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
-            Err(payload) => std::panic::resume_unwind(payload),
-            Ok(()) => unreachable!("the client thread ended without a result"),
-        },
-    }
-}
 
 /// A name no other test (or run) uses.
 fn unique(what: &str) -> String {

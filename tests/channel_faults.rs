@@ -861,6 +861,39 @@ fn read_publish(conn: &mut FakeConn) -> Vec<u8> {
     body
 }
 
+/// The confirms, messages and channel closes among `events`, one line
+/// each, in order.
+fn confirm_lines(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(body) => Some(format!("message {body:?}")),
+            Event::Confirm(Confirmation::Ack {
+                delivery_tag,
+                multiple,
+                settled,
+            }) => Some(format!(
+                "ack {delivery_tag} multiple={multiple} settled {settled:?}"
+            )),
+            Event::Confirm(Confirmation::Nack {
+                delivery_tag,
+                multiple,
+                settled,
+            }) => Some(format!(
+                "nack {delivery_tag} multiple={multiple} settled {settled:?}"
+            )),
+            Event::Confirm(Confirmation::Failed { settled, error }) => Some(format!(
+                "failed {settled:?} {}",
+                error.reply_code().unwrap_or(0)
+            )),
+            Event::ChannelClosed(e) => {
+                Some(format!("channel closed {}", e.reply_code().unwrap_or(0)))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn a_broker_channel_close_fails_exactly_the_unconfirmed_publishes_in_one_call_before_the_close_callback()
  {
@@ -918,33 +951,7 @@ fn a_broker_channel_close_fails_exactly_the_unconfirmed_publishes_in_one_call_be
     });
     let events = outcome.events();
     fake.join();
-    let settled: Vec<String> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Confirm(Confirmation::Ack {
-                delivery_tag,
-                multiple,
-                settled,
-            }) => Some(format!(
-                "ack {delivery_tag} multiple={multiple} settled {settled:?}"
-            )),
-            Event::Confirm(Confirmation::Nack {
-                delivery_tag,
-                multiple,
-                settled,
-            }) => Some(format!(
-                "nack {delivery_tag} multiple={multiple} settled {settled:?}"
-            )),
-            Event::Confirm(Confirmation::Failed { settled, error }) => Some(format!(
-                "failed {settled:?} {}",
-                error.reply_code().unwrap_or(0)
-            )),
-            Event::ChannelClosed(e) => {
-                Some(format!("channel closed {}", e.reply_code().unwrap_or(0)))
-            }
-            _ => None,
-        })
-        .collect();
+    let settled = confirm_lines(&events);
     assert_eq!(
         settled,
         [
@@ -1032,27 +1039,12 @@ fn returns_and_confirms_the_broker_sends_before_its_close_ok_are_reported_not_fa
     });
     let events = outcome.events();
     fake.join();
-    let seen: Vec<String> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Message(body) => Some(format!("returned {body:?}")),
-            Event::Confirm(Confirmation::Ack { settled, .. }) => Some(format!("ack {settled:?}")),
-            Event::Confirm(Confirmation::Nack { settled, .. }) => Some(format!("nack {settled:?}")),
-            Event::Confirm(Confirmation::Failed { settled, error }) => Some(format!(
-                "failed {settled:?} {}",
-                error.reply_code().unwrap_or(0)
-            )),
-            Event::ChannelClosed(e) => {
-                Some(format!("channel closed {}", e.reply_code().unwrap_or(0)))
-            }
-            _ => None,
-        })
-        .collect();
+    let seen = confirm_lines(&events);
     assert_eq!(
         seen,
         [
-            "returned [2]",
-            "ack [1, 2, 3]",
+            "message [2]",
+            "ack 3 multiple=true settled [1, 2, 3]",
             "failed [4] 200",
             "channel closed 200"
         ]

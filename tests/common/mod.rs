@@ -387,3 +387,34 @@ impl LoopHold {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Runs `f` on a thread of its own and returns what it returns, failing
+/// the test naming `what` when it takes longer than `bound` (a hang is a
+/// failure, not a stuck test binary; the thread is left behind). A panic
+/// in `f` is the test's panic.
+pub fn bounded<T: Send + 'static>(
+    what: &str,
+    bound: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(format!("client: {what}"))
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .expect("spawn the client thread");
+    match rx.recv_timeout(bound) {
+        Ok(value) => {
+            let _ = handle.join();
+            value
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: the client did not finish within {bound:?} (a hang)")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
+            Err(payload) => std::panic::resume_unwind(payload),
+            Ok(()) => unreachable!("the client thread ended without a result"),
+        },
+    }
+}
