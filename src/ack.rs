@@ -1,6 +1,6 @@
 //! The threaded-ack door: [`AckHandle`], a `Send` handle a worker thread
 //! uses to ack, nack or reject one delivery on the connection it came from
-//! (the seed's `add_callback_threadsafe(functools.partial(channel.basic_ack,
+//! (pika's `add_callback_threadsafe(functools.partial(channel.basic_ack,
 //! delivery_tag=…))` in one line). Every face has a door behind it.
 //!
 //! A handle names the delivery's channel by key (number and generation)

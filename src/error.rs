@@ -291,7 +291,7 @@ use std::time::Duration;
 /// | `ProtocolSyntaxError`, `InvalidFrameError`, `UnexpectedFrameError` | [`Error::Protocol`], [`Error::UnexpectedFrame`] |
 /// | `ShortStringTooLong` | [`Error::Encode`] |
 ///
-/// The seed's recovery loop (pika's docs, 2.3.5) reads:
+/// pika's recovery loop (its docs, usage example 2.3.5) reads:
 ///
 /// ```
 /// use pika::Error;

@@ -218,6 +218,10 @@ fn timers_and_threadsafe_callbacks_run_inside_process_data_events_only() {
     })
     .join()
     .unwrap();
+    // pika's name on the connection itself (from its own thread).
+    let l = log.clone();
+    conn.add_callback_threadsafe(move |_| l.lock().unwrap().push("on the connection"))
+        .unwrap();
     // A blocking call in between dispatches nothing.
     let ch = conn.channel(None).unwrap();
     std::thread::sleep(Duration::from_millis(80));
@@ -227,10 +231,14 @@ fn timers_and_threadsafe_callbacks_run_inside_process_data_events_only() {
     conn.sleep(Duration::from_millis(100)).unwrap();
     let mut seen = log.lock().unwrap().clone();
     seen.sort();
-    assert_eq!(seen, ["threadsafe", "timer"]);
+    assert_eq!(seen, ["on the connection", "threadsafe", "timer"]);
     conn.close(200, "done").unwrap();
     assert!(matches!(
         conn.threadsafe_handle().add_callback_threadsafe(|_| {}),
+        Err(Error::ConnectionWrongState { .. })
+    ));
+    assert!(matches!(
+        conn.add_callback_threadsafe(|_| {}),
         Err(Error::ConnectionWrongState { .. })
     ));
 }

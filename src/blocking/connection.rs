@@ -445,6 +445,22 @@ impl BlockingConnection {
         BlockingConnectionHandle::new(&self.engine)
     }
 
+    /// pika's `add_callback_threadsafe`: queues `callback` for the next
+    /// `process_data_events` (or `sleep`, `start_consuming`, a waiting
+    /// `consume()`). A `BlockingConnection` is not `Sync`, so another
+    /// thread cannot call this: it calls the same method on
+    /// [`threadsafe_handle`](Self::threadsafe_handle), which it can hold.
+    ///
+    /// # Errors
+    /// [`Error::ConnectionWrongState`] when the connection is closed; the
+    /// callback is dropped.
+    pub fn add_callback_threadsafe(
+        &self,
+        callback: impl FnOnce(&BlockingConnection) + Send + 'static,
+    ) -> Result<(), Error> {
+        self.threadsafe_handle().add_callback_threadsafe(callback)
+    }
+
     /// Adds a callback run (inside `process_data_events`) each time the
     /// broker blocks the connection, with its Connection.Blocked.
     pub fn add_on_connection_blocked_callback(
