@@ -498,6 +498,44 @@ fn the_real_broker_stalled_both_ways_behind_the_proxy_is_a_heartbeat_timeout_of_
     );
 }
 
+#[test]
+fn a_publisher_without_confirms_behind_a_stalled_network_gets_the_heartbeat_timeout() {
+    // basic_publish without confirms returns without waiting for the
+    // broker, and the socket keeps taking bytes (kernel buffers) after the
+    // network stalled: only the deadlines the publish itself keeps can tell
+    // that the broker went silent. (Found by black-box testing: every
+    // publish returned Ok for 86 s after the stall.)
+    let proxy = Proxy::start(common::broker_addr());
+    let mut params = proxied_params(&proxy);
+    params.set_heartbeat(HEARTBEAT.as_secs() as u16);
+    let conn = BlockingConnection::new(params).expect("the broker is reachable");
+    let ch = conn.channel(None).unwrap();
+    for dir in Direction::BOTH {
+        proxy.stall(dir);
+    }
+    let stalled_at = Instant::now();
+    bounded("publishing through the stalled proxy", LIMIT, move || {
+        let error = loop {
+            let started = Instant::now();
+            match ch.basic_publish("", "nowhere", b"x", &BasicProperties::default(), false) {
+                Ok(()) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    assert_heartbeat_timeout(&e, started.elapsed());
+                    break e;
+                }
+            }
+        };
+        assert!(
+            stalled_at.elapsed() < DEAD_AFTER * 2,
+            "{error} only {:?} after the stall",
+            stalled_at.elapsed()
+        );
+        assert_every_later_call_fails(&conn, &ch, |e| {
+            matches!(e, Error::AmqpHeartbeatTimeout { .. })
+        });
+    });
+}
+
 // ----------------------------------------------------------------------
 // A reset while a publish waits for its confirm
 // ----------------------------------------------------------------------

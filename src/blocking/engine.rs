@@ -431,9 +431,11 @@ impl Engine {
                 st.unchecked_commands += 1;
                 if st.unchecked_commands >= CHECK_EVERY {
                     st.unchecked_commands = 0;
-                    if writable && since.elapsed() >= FLUSH_DELAY {
+                    let now = Instant::now();
+                    if writable && now.duration_since(since) >= FLUSH_DELAY {
                         self.flush_locked(&mut st);
                     }
+                    return self.keep_deadlines(st, now);
                 }
             }
             None => {
@@ -443,19 +445,36 @@ impl Engine {
                     // so this one goes at once (as pika's would).
                     self.flush_locked(&mut st);
                     if st.core.outbound().is_empty() {
-                        return Ok(());
+                        return self.keep_deadlines(st, now);
                     }
                 }
                 st.unflushed_since = Some(now);
                 st.unchecked_commands = 0;
                 if std::mem::replace(&mut st.flusher_idle, false) {
-                    drop(st);
                     *lock(&self.flush.requested) = true;
                     self.flush.cv.notify_one();
                 }
+                return self.keep_deadlines(st, now);
             }
         }
         Ok(())
+    }
+
+    /// A caller that only writes (a publisher without confirms) still
+    /// keeps the connection's deadlines: once one is due — a heartbeat to
+    /// send, the broker's silence to judge, a close or blocked bound — a
+    /// turn that does not wait reads what arrived and acts on it. The
+    /// connection's end (e.g. [`Error::AmqpHeartbeatTimeout`] on a stalled
+    /// network) is then this command's error.
+    fn keep_deadlines(&self, st: MutexGuard<'_, State>, now: Instant) -> Result<(), Error> {
+        if st.driving || st.core.poll_timeout().is_none_or(|due| now < due) {
+            return Ok(());
+        }
+        let st = self.turn_once(st, Some(now));
+        match &st.terminal {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
     }
 
     /// Waits until `ready` gives a value, driving I/O meanwhile; `None`

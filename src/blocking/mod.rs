@@ -68,6 +68,13 @@
 //! `std::thread::sleep`, or call `process_data_events` now and then during
 //! long work, or turn heartbeats off with [`crate::Heartbeat::Disabled`].
 //!
+//! Calls that do not wait for the broker count too: a `basic_publish`
+//! without confirms (or an ack) whose connection has a deadline due reads
+//! what arrived and acts on it, so a publisher behind a stalled network
+//! gets [`crate::Error::AmqpHeartbeatTimeout`] from its next publish once
+//! the broker has been silent for twice the timeout, instead of filling
+//! socket buffers that nobody reads.
+//!
 //! # Writes
 //!
 //! [`BlockingChannel::basic_publish`] without confirms does not wait for

@@ -44,6 +44,13 @@
 //! * **Our close** closes open channels first, then sends Connection.Close;
 //!   the whole handshake is bounded by `socket_timeout` (10 s when unset):
 //!   a broker that never answers does not keep `close()` from finishing.
+//! * **A callback that blocks** (sleeps, waits for a lock, does long
+//!   work) blocks the loop, as in pika: no heartbeat goes out and nothing
+//!   is read meanwhile. If it blocks for longer than the heartbeat
+//!   timeout, the broker drops the connection and `on_close` gets
+//!   [`Error::StreamLost`] once the callback returns. Hand long work to a
+//!   thread and come back with [`ConnectionHandle::add_callback_threadsafe`]
+//!   or an [`crate::AckHandle`].
 //! * **A panic in a callback** leaves `ioloop.start()`, as an exception
 //!   leaves pika's. The connection stays usable: start the loop again and
 //!   it carries on where it stopped — the rest of the events of that read
