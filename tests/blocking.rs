@@ -1435,14 +1435,7 @@ fn duration_max_means_no_deadline_and_never_panics() {
         // The connection's own bounds at Duration::MAX: connect, handshake
         // and the close handshake (bounded by socket_timeout) run without
         // a deadline.
-        let mut params = broker_params();
-        params
-            .set_socket_timeout(Duration::MAX)
-            .unwrap()
-            .set_stack_timeout(Duration::MAX)
-            .unwrap()
-            .set_blocked_connection_timeout(Duration::MAX)
-            .unwrap();
+        let params = common::broker_params_with_timeouts_at_max();
         let conn = BlockingConnection::new(params).unwrap();
         let ch = conn.channel(None).unwrap();
         temp_queue(&ch);

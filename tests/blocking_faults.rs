@@ -464,20 +464,32 @@ fn a_heartbeat_timeout_ends_process_data_events_waiting_for_an_event() {
     assert_only_heartbeats(&fake.finish());
 }
 
-#[test]
-fn the_real_broker_stalled_both_ways_behind_the_proxy_is_a_heartbeat_timeout_of_queue_declare() {
+/// A connection with the tests' heartbeat to the real broker through a
+/// proxy, a channel (`before` runs on it), then the proxy stalled both
+/// ways. Returns the proxy (keep it alive), both handles and when the
+/// stall began.
+fn stalled_real_broker(
+    before: impl FnOnce(&BlockingChannel),
+) -> (Proxy, BlockingConnection, BlockingChannel, Instant) {
     let proxy = Proxy::start(common::broker_addr());
     let mut params = proxied_params(&proxy);
     params.set_heartbeat(HEARTBEAT.as_secs() as u16);
     let conn = BlockingConnection::new(params).expect("the broker is reachable");
     assert_eq!(conn.heartbeat(), HEARTBEAT.as_secs() as u16);
     let ch = conn.channel(None).unwrap();
-    ch.queue_declare("", exclusive(), FieldTable::new())
-        .unwrap();
+    before(&ch);
     for dir in Direction::BOTH {
         proxy.stall(dir);
     }
-    let stalled_at = Instant::now();
+    (proxy, conn, ch, Instant::now())
+}
+
+#[test]
+fn the_real_broker_stalled_both_ways_behind_the_proxy_is_a_heartbeat_timeout_of_queue_declare() {
+    let (_proxy, conn, ch, stalled_at) = stalled_real_broker(|ch| {
+        ch.queue_declare("", exclusive(), FieldTable::new())
+            .unwrap();
+    });
     bounded(
         "queue_declare through the stalled proxy",
         LIMIT,
@@ -505,15 +517,7 @@ fn a_publisher_without_confirms_behind_a_stalled_network_gets_the_heartbeat_time
     // network stalled: only the deadlines the publish itself keeps can tell
     // that the broker went silent. (Found by black-box testing: every
     // publish returned Ok for 86 s after the stall.)
-    let proxy = Proxy::start(common::broker_addr());
-    let mut params = proxied_params(&proxy);
-    params.set_heartbeat(HEARTBEAT.as_secs() as u16);
-    let conn = BlockingConnection::new(params).expect("the broker is reachable");
-    let ch = conn.channel(None).unwrap();
-    for dir in Direction::BOTH {
-        proxy.stall(dir);
-    }
-    let stalled_at = Instant::now();
+    let (_proxy, conn, ch, stalled_at) = stalled_real_broker(|_| {});
     bounded("publishing through the stalled proxy", LIMIT, move || {
         let error = loop {
             let started = Instant::now();

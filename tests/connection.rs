@@ -711,14 +711,7 @@ fn timeouts_beyond_the_clocks_range_mean_no_deadline_and_never_panic() {
     // connect, the handshake and the close handshake (bounded by the
     // socket timeout) run without a deadline instead of overflowing the
     // clock.
-    let mut params = broker_params();
-    params
-        .set_socket_timeout(Duration::MAX)
-        .unwrap()
-        .set_stack_timeout(Duration::MAX)
-        .unwrap()
-        .set_blocked_connection_timeout(Duration::MAX)
-        .unwrap();
+    let params = common::broker_params_with_timeouts_at_max();
     let (conn, outcome) = connect(params, |conn| {
         conn.channel(None, |ch| {
             let ch = ch.unwrap();

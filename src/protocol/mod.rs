@@ -17,6 +17,7 @@
 //! use pika::spec::connection;
 //! use pika::ConnectionParameters;
 //!
+//! // The driver's clock, read by the caller: the core never reads one.
 //! let now = Instant::now();
 //! let mut core = Connection::new(ConnectionParameters::default(), Config::default(), now);
 //! // The protocol header is the first thing to send.

@@ -418,3 +418,17 @@ pub fn bounded<T: Send + 'static>(
         },
     }
 }
+
+/// The broker's parameters with socket_timeout, stack_timeout and
+/// blocked_connection_timeout beyond the clock's range (`Duration::MAX`).
+pub fn broker_params_with_timeouts_at_max() -> pika::ConnectionParameters {
+    let mut params = broker_params();
+    params
+        .set_socket_timeout(Duration::MAX)
+        .unwrap()
+        .set_stack_timeout(Duration::MAX)
+        .unwrap()
+        .set_blocked_connection_timeout(Duration::MAX)
+        .unwrap();
+    params
+}
